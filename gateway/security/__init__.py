@@ -1,0 +1,1 @@
+"""Security: TLS contexts, test certificates, XUA SAML assertions and the WS-Security header."""
