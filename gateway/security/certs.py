@@ -70,7 +70,7 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
 
 def make_ca(cn: str = "XIG Test CA", *, days: int = 3650,
             now: dt.datetime | None = None) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     key = _key(3072)
     name = _name(cn, "XIG test PKI (not for production)")
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -94,7 +94,7 @@ def make_leaf(ca_cert: x509.Certificate, ca_key: rsa.RSAPrivateKey, cn: str, org
               hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), days: int = 730,
               not_before: dt.datetime | None = None) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     """A leaf usable both as TLS server and TLS client certificate and as SAML signer."""
-    now = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     key = _key()
     sans: list[x509.GeneralName] = []
     for h in hosts:

@@ -93,4 +93,5 @@ def parse(data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES, max_depth: int = 
 
 def tostring(el: etree._Element, *, declaration: bool = False) -> bytes:
     """Serialise without pretty-printing (signatures must survive byte-for-byte)."""
-    return etree.tostring(el, encoding="UTF-8", xml_declaration=declaration)
+    data: bytes = etree.tostring(el, encoding="UTF-8", xml_declaration=declaration)
+    return data

@@ -1,0 +1,1 @@
+"""XIG conformance suite: Carequality imaging test-partner scenarios (see the conformance issue)."""

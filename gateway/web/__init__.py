@@ -1,0 +1,1 @@
+"""Adapters for HTTP: the ASGI application, the TLS server runner and the SOAP client."""

@@ -1,0 +1,90 @@
+"""Shared fixtures: a test PKI, gateway configurations and real gateways on loopback TLS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from gateway.config import Config, load_config
+from gateway.security.certs import CertSet, init_certs
+
+if TYPE_CHECKING:
+    from gateway.web.server import BackgroundServer
+
+#: Real messages, WSDLs and XSDs from public IHE tooling and production gateways: ``shared/`` sits
+#: beside the repository (on developer machines and in CI alike).
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "spec" / "samples"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    assert SAMPLES.exists(), f"sample messages not found at {SAMPLES}"
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
+    return init_certs(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def rogue_pki(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
+    """A second, untrusted CA with its own gateway/partner certificates."""
+    return init_certs(tmp_path_factory.mktemp("rogue-pki"), ca_name="Rogue CA")
+
+
+def write_config(directory: Path, pki: CertSet, *, port: int = 0, extra: str = "",
+                 saml_extra: str = "", server_extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "xig.toml"
+    path.write_text(f"""
+[gateway]
+home_community_id = "urn:oid:2.999.1"
+assigning_authority = "2.999.1.1"
+repository_unique_id = "2.999.1.2"
+imaging_source_id = "2.999.1.3"
+
+[server]
+listen = "127.0.0.1:{port}"
+certificate = "{pki.gateway_cert}"
+private_key = "{pki.gateway_key}"
+client_ca = "{pki.ca_cert}"
+{server_extra}
+
+[saml]
+trusted_issuers = "{pki.ca_cert}"
+signing_certificate = "{pki.partner_cert}"
+signing_key = "{pki.partner_key}"
+{saml_extra}
+
+[pacs]
+kind = "filesystem"
+path = "pacs"
+{extra}
+""")
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path, pki: CertSet) -> Config:
+    return load_config(write_config(tmp_path / "gw", pki))
+
+
+@pytest.fixture
+def start_gateway() -> Iterator[Any]:
+    """``start_gateway(config, handlers)`` → a started :class:`BackgroundServer`, stopped after the test."""
+    from gateway.web.server import BackgroundServer
+
+    started: list[BackgroundServer] = []
+
+    def start(config: Config, handlers: Any = None) -> BackgroundServer:
+        server = BackgroundServer(config, handlers).start()
+        started.append(server)
+        return server
+
+    yield start
+    for s in started:
+        s.stop()
