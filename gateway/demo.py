@@ -156,7 +156,7 @@ async def run_demo(workdir: Path, port: int, serve_after: bool, console: Console
         console.print(f"gateway for community {cfg.gateway.home_community_id} listening on {server.url} "
                       f"(config {workdir / 'xig.toml'})")
         ok = await self_check(cfg, server.url, console)
-        console.print(how_to_call(cfg, server.url))
+        console.print(how_to_call(cfg, server.url), soft_wrap=True)
         if serve_after and ok:
             console.print("serving — press Ctrl-C to stop")
             try:

@@ -128,7 +128,7 @@ class SoapClient:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, ssl.SSLError):
                 raise TransportError(f"{url}: {describe_tls_error(cause)}") from None
-            raise TransportError(f"{url}: cannot connect ({exc})") from None
+            raise TransportError(f"{url}: cannot connect ({str(exc) or type(exc).__name__})") from None
         except httpx.TimeoutException:
             raise TransportError(f"{url}: no answer within the timeout") from None
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
@@ -136,5 +136,5 @@ class SoapClient:
             if isinstance(cause, ssl.SSLError):
                 raise TransportError(f"{url}: {describe_tls_error(cause)}") from None
             # TLS 1.3: a refused client certificate surfaces only as a connection closed after the handshake
-            raise TransportError(f"{url}: the partner closed the connection ({exc or type(exc).__name__}); with "
+            raise TransportError(f"{url}: the partner closed the connection ({str(exc) or type(exc).__name__}); with "
                                  "mutual TLS this usually means it did not accept our client certificate") from None

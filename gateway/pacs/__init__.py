@@ -1,0 +1,1 @@
+"""PACS backends: one small interface (:mod:`gateway.pacs.base`) and its adapters."""

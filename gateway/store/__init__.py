@@ -1,0 +1,1 @@
+"""Persistence (SQLAlchemy): SQLite by default, PostgreSQL by URL; schema migrations at start-up."""

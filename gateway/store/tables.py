@@ -1,0 +1,116 @@
+"""Every table XIG keeps, in one place (SQLAlchemy Core).
+
+Nothing another worker or a restart needs lives only in memory: the filesystem PACS index, which
+initiating community learned which local patient, and the ledger of issued KOS manifests (which
+SOP instances each community may retrieve with RAD-75).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+UID = 64  # DICOM UI VR maximum length
+
+#: The embedded filesystem PACS: one row per Part 10 file under the store's folder.
+pacs_instances = Table(
+    "pacs_instances", metadata,
+    Column("sop_instance_uid", String(UID), primary_key=True),
+    Column("source_id", String(UID), nullable=False),
+    Column("study_instance_uid", String(UID), nullable=False, index=True),
+    Column("series_instance_uid", String(UID), nullable=False),
+    Column("sop_class_uid", String(UID), nullable=False),
+    Column("transfer_syntax_uid", String(UID), nullable=False),
+    Column("patient_id", String(64), nullable=False, index=True),
+    Column("issuer_of_patient_id", String(64)),
+    Column("patient_name", String(324), nullable=False, default=""),
+    Column("patient_birth_date", String(8), nullable=False, default=""),
+    Column("patient_sex", String(16), nullable=False, default=""),
+    Column("study_date", String(8), nullable=False, default=""),
+    Column("study_time", String(16), nullable=False, default=""),
+    Column("accession_number", String(16), nullable=False, default=""),
+    Column("accession_issuer", String(UID)),
+    Column("study_id", String(16), nullable=False, default=""),
+    Column("study_description", String(64), nullable=False, default=""),
+    Column("referring_physician_name", String(324), nullable=False, default=""),
+    Column("series_number", Integer),
+    Column("series_description", String(64), nullable=False, default=""),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("body_part_examined", String(16), nullable=False, default=""),
+    Column("instance_number", Integer),
+    #: path relative to the store folder
+    Column("path", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("indexed_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_pacs_instances_birth_date", pacs_instances.c.patient_birth_date)
+
+#: XCPD: which initiating community learned which local patient (ITI TF-2 3.55.4.2.2.4).
+patient_links = Table(
+    "patient_links", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("local_patient_id", String(64), nullable=False),
+    Column("local_assigning_authority", String(UID), nullable=False),
+    Column("remote_home_community_id", String(UID + 8), nullable=False),
+    #: the initiator's own id for the patient (LivingSubjectId in its authority), when sent
+    Column("remote_patient_id", String(64)),
+    Column("remote_assigning_authority", String(UID)),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("local_patient_id", "local_assigning_authority", "remote_home_community_id",
+                     name="uq_patient_link"),
+)
+
+#: One row per distinct on-demand KOS manifest (uniqueId = KOS SOP Instance UID).
+kos_manifests = Table(
+    "kos_manifests", metadata,
+    Column("kos_uid", String(UID), primary_key=True),
+    Column("study_instance_uid", String(UID), nullable=False, index=True),
+    Column("source_id", String(UID), nullable=False),
+    Column("content_digest", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The SOP instances each manifest references (what RAD-75 may then serve).
+kos_instances = Table(
+    "kos_instances", metadata,
+    Column("kos_uid", String(UID), ForeignKey("kos_manifests.kos_uid", ondelete="CASCADE"), primary_key=True),
+    Column("sop_instance_uid", String(UID), primary_key=True),
+    Column("series_instance_uid", String(UID), nullable=False),
+    Column("study_instance_uid", String(UID), nullable=False),
+)
+Index("ix_kos_instances_sop", kos_instances.c.sop_instance_uid)
+
+#: Every delivery of a manifest (ITI-39) to a requesting community / organisation / user.
+kos_deliveries = Table(
+    "kos_deliveries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kos_uid", String(UID), ForeignKey("kos_manifests.kos_uid", ondelete="CASCADE"), nullable=False),
+    Column("home_community_id", String(UID + 8), nullable=False),
+    Column("organization_id", String(128), nullable=False, default=""),
+    Column("user", String(256), nullable=False, default=""),
+    Column("delivered_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_kos_deliveries_community", kos_deliveries.c.home_community_id, kos_deliveries.c.kos_uid)
+
+#: Applied schema migrations (see :mod:`gateway.store.db`).
+schema_migrations = Table(
+    "schema_migrations", metadata,
+    Column("version", Integer, primary_key=True),
+    Column("description", String(200), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
