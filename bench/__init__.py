@@ -1,0 +1,1 @@
+"""XIG benchmarks: each figure is a ratio against a reference run in the same process (``make bench``)."""

@@ -1,0 +1,63 @@
+"""Small helpers shared by the benchmarks: timing, a loopback gateway with test PKI, reporting."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import Config, load_config
+from gateway.security.certs import CertSet, init_certs
+
+CONFIG = """
+[gateway]
+home_community_id = "urn:oid:2.999.1"
+assigning_authority = "2.999.1.1"
+repository_unique_id = "2.999.1.2"
+imaging_source_id = "2.999.1.3"
+[server]
+listen = "127.0.0.1:0"
+certificate = "{c.gateway_cert}"
+private_key = "{c.gateway_key}"
+client_ca = "{c.ca_cert}"
+[saml]
+trusted_issuers = "{c.ca_cert}"
+signing_certificate = "{c.partner_cert}"
+signing_key = "{c.partner_key}"
+[pacs]
+kind = "filesystem"
+path = "pacs"
+"""
+
+
+@dataclass
+class Result:
+    name: str
+    value: float
+    reference: float
+    unit: str
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.reference if self.reference else float("nan")
+
+
+def workspace() -> tuple[Path, CertSet, Config]:
+    d = Path(tempfile.mkdtemp(prefix="xig-bench-"))
+    certs = init_certs(d / "pki")
+    (d / "xig.toml").write_text(CONFIG.format(c=certs))
+    return d, certs, load_config(d / "xig.toml")
+
+
+def best_of(n: int, fn: Callable[[], float]) -> float:
+    """Best (highest) of ``n`` runs of ``fn`` returning a rate."""
+    return max(fn() for _ in range(n))
+
+
+def rate(count: float, fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return count / (time.perf_counter() - t0)
