@@ -175,6 +175,42 @@ class FilesystemPacs(_Paths):
 PacsSection = Annotated[DimsePacs | DicomwebPacs | FilesystemPacs, Field(discriminator="kind")]
 
 
+class CodeValue(_Section):
+    """A coded value for XDS metadata: ``{ code = "N", scheme = "2.16.840.1.113883.5.25", display = "normal" }``."""
+
+    code: str
+    scheme: str
+    display: str = ""
+
+
+class ResponderSection(_Section):
+    """How the responding gateway answers (defaults follow RAD TF-3 4.68 practice and dcm4chee)."""
+
+    #: "on-demand" (ITI TF-2 3.38.4.1.3: generated at retrieve time, default) or "stable"
+    #: (uniqueId = the KOS of the study's current content; size/hash filled in at query time).
+    kos_entry_type: Literal["on-demand", "stable"] = "on-demand"
+    #: RAD-75 serves only instances referenced by a KOS delivered to the requesting community within
+    #: this many hours (Carequality Imaging-002: no random UID guessing).
+    rad75_authorization_hours: float = Field(default=24.0, gt=0)
+    #: XCPD: minimum score (0-100) for a match; candidates within ``ask_more_below`` of it lead to
+    #: a request for more attributes instead of "no match".
+    match_threshold: int = Field(default=85, ge=1, le=100)
+    ask_more_below: int = Field(default=15, ge=0, le=99)
+    #: several matching patients: "list" them all (Case 2) or "ask-more" (Case 3)
+    multiple_matches: Literal["list", "ask-more"] = "list"
+    max_query_results: int = Field(default=1000, gt=0)
+    retrieve_ae_title: str = ""
+    class_code: CodeValue = CodeValue(code="IMAGES", scheme="1.3.6.1.4.1.19376.1.2.6.1", display="Images")
+    type_code: CodeValue = CodeValue(code="18748-4", scheme="2.16.840.1.113883.6.1",
+                                     display="Diagnostic imaging study")
+    confidentiality_code: CodeValue = CodeValue(code="N", scheme="2.16.840.1.113883.5.25", display="normal")
+    healthcare_facility_type_code: CodeValue = CodeValue(code="22232009", scheme="2.16.840.1.113883.6.96",
+                                                         display="Hospital")
+    practice_setting_code: CodeValue = CodeValue(code="394914008", scheme="2.16.840.1.113883.6.96",
+                                                 display="Radiology")
+    language_code: str = "en-US"
+
+
 class DatabaseSection(_Section):
     url: str = "sqlite:///var/xig.db"
 
@@ -212,6 +248,7 @@ class Config(_Section):
     saml: SamlSection
     pacs: list[PacsSection] = Field(default_factory=list)
     database: DatabaseSection = DatabaseSection()
+    responder: ResponderSection = ResponderSection()
     partners: list[PartnerSection] = Field(default_factory=list)
     #: directory of the config file (relative paths and sqlite URLs are resolved against it)
     base_dir: Path = Path(".")

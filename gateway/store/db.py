@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.schema import CreateTable
 
 from gateway.store import tables
 
@@ -30,11 +31,11 @@ class Migration:
 
 def _initial(conn: Connection) -> None:
     tables.metadata.create_all(conn, tables=[tables.pacs_instances, tables.patient_links, tables.kos_manifests,
-                                             tables.kos_instances, tables.kos_deliveries])
+                                             tables.kos_instances, tables.kos_deliveries, tables.document_entries])
 
 
 MIGRATIONS: list[Migration] = [
-    Migration(1, "filesystem PACS index, patient links, KOS ledger", _initial),
+    Migration(1, "filesystem PACS index, patient links, KOS ledger, on-demand entries", _initial),
 ]
 
 
@@ -69,7 +70,13 @@ def applied_versions(engine: Engine) -> set[int]:
 
 def migrate(engine: Engine) -> list[int]:
     """Apply pending migrations; return the versions applied by this call."""
-    tables.schema_migrations.create(engine, checkfirst=True)
+    try:
+        with engine.begin() as conn:
+            conn.execute(CreateTable(tables.schema_migrations, if_not_exists=True))
+    except DBAPIError:
+        # PostgreSQL can still race on IF NOT EXISTS (catalog unique violation); the table is there
+        if not inspect(engine).has_table("schema_migrations"):
+            raise
     done = applied_versions(engine)
     applied: list[int] = []
     for m in MIGRATIONS:

@@ -107,6 +107,17 @@ kos_deliveries = Table(
 )
 Index("ix_kos_deliveries_community", kos_deliveries.c.home_community_id, kos_deliveries.c.kos_uid)
 
+#: On-demand DocumentEntries handed out by ITI-38: their stable uniqueId ↔ the study they stand for.
+document_entries = Table(
+    "document_entries", metadata,
+    Column("unique_id", String(UID), primary_key=True),
+    Column("entry_uuid", String(45), nullable=False, unique=True),
+    Column("study_instance_uid", String(UID), nullable=False, index=True),
+    Column("source_id", String(UID), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 #: Applied schema migrations (see :mod:`gateway.store.db`).
 schema_migrations = Table(
     "schema_migrations", metadata,
