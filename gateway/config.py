@@ -154,6 +154,9 @@ class DimsePacs(_Section):
     called_ae: str = "ORTHANC"
     calling_ae: str = "XIG"
     retrieve: Literal["c-get", "c-move"] = "c-get"
+    #: C-MOVE: our Storage SCP (the PACS must know ``calling_ae`` at this address)
+    move_port: int = Field(default=0, ge=0, lt=65536)
+    move_host: str = "127.0.0.1"
     imaging_source_id: str | None = None
     name: str | None = None
 
@@ -183,7 +186,7 @@ class CodeValue(_Section):
     display: str = ""
 
 
-class ResponderSection(_Section):
+class ResponderSection(_Paths):
     """How the responding gateway answers (defaults follow RAD TF-3 4.68 practice and dcm4chee)."""
 
     #: "on-demand" (ITI TF-2 3.38.4.1.3: generated at retrieve time, default) or "stable"
@@ -199,6 +202,12 @@ class ResponderSection(_Section):
     #: several matching patients: "list" them all (Case 2) or "ask-more" (Case 3)
     multiple_matches: Literal["list", "ask-more"] = "list"
     max_query_results: int = Field(default=1000, gt=0)
+    #: RAD-75 MTOM layout. "first": the root part (with the per-instance status) comes first, as every
+    #: SOAP stack expects; instances are spooled to ``spool_dir`` until all outcomes are known.
+    #: "last": instances stream straight from the PACS and the root part comes last (XOP allows it,
+    #: identified by ``start``; lowest latency, no spooling — use only with peers that honour ``start``).
+    rad75_root_part: Literal["first", "last"] = "first"
+    spool_dir: Path | None = None
     retrieve_ae_title: str = ""
     class_code: CodeValue = CodeValue(code="IMAGES", scheme="1.3.6.1.4.1.19376.1.2.6.1", display="Images")
     type_code: CodeValue = CodeValue(code="18748-4", scheme="2.16.840.1.113883.6.1",

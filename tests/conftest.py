@@ -10,6 +10,10 @@ import pytest
 
 from gateway.config import Config, load_config
 from gateway.security.certs import CertSet, init_certs
+from tests.orthanc import orthanc_fixture
+
+#: one real Orthanc (DIMSE + DICOMweb) for the whole session; tests use their own patients and UIDs
+orthanc = orthanc_fixture()
 
 if TYPE_CHECKING:
     from gateway.web.server import BackgroundServer
@@ -36,16 +40,26 @@ def rogue_pki(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
     return init_certs(tmp_path_factory.mktemp("rogue-pki"), ca_name="Rogue CA")
 
 
+#: OIDs under IHE's test arc (1.3.6.1.4.1.21367, as the NIST test kits use): dciodvfy rejects the
+#: 2.999 example arc inside DICOM objects, so tests that produce DICOM use these.
+IHE_TEST_IDS = {"home_community_id": "urn:oid:1.3.6.1.4.1.21367.13.70.201",
+                "assigning_authority": "1.3.6.1.4.1.21367.13.20.201",
+                "repository_unique_id": "1.3.6.1.4.1.21367.13.80.201",
+                "imaging_source_id": "1.3.6.1.4.1.21367.13.71.201.1"}
+
+
 def write_config(directory: Path, pki: CertSet, *, port: int = 0, extra: str = "",
-                 saml_extra: str = "", server_extra: str = "") -> Path:
+                 saml_extra: str = "", server_extra: str = "", ids: dict[str, str] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "xig.toml"
+    g = {"home_community_id": "urn:oid:2.999.1", "assigning_authority": "2.999.1.1",
+         "repository_unique_id": "2.999.1.2", "imaging_source_id": "2.999.1.3", **(ids or {})}
     path.write_text(f"""
 [gateway]
-home_community_id = "urn:oid:2.999.1"
-assigning_authority = "2.999.1.1"
-repository_unique_id = "2.999.1.2"
-imaging_source_id = "2.999.1.3"
+home_community_id = "{g['home_community_id']}"
+assigning_authority = "{g['assigning_authority']}"
+repository_unique_id = "{g['repository_unique_id']}"
+imaging_source_id = "{g['imaging_source_id']}"
 
 [server]
 listen = "127.0.0.1:{port}"

@@ -43,6 +43,7 @@ from gateway.errors import (
     receiver_fault,
     sender_fault,
 )
+from gateway.ihe import iti55
 from gateway.security.saml import VerificationPolicy, VerifiedIdentity, load_trusted
 from gateway.security.wssecurity import verify_security_header
 from gateway.soap import mtom, ns, xml
@@ -50,7 +51,7 @@ from gateway.soap.envelope import Envelope, build_envelope, parse_envelope
 from gateway.soap.fault import build_fault_envelope
 from gateway.soap.schema import SchemaSet, default_schemas
 from gateway.soap.wsdl import render_schema, render_wsdl
-from gateway.web.endpoints import ENDPOINTS, Endpoint
+from gateway.web.endpoints import ENDPOINTS, XCPD, Endpoint
 
 log = logging.getLogger("xig.web")
 
@@ -76,10 +77,15 @@ class RequestContext:
 
 @dataclass
 class SoapResponse:
-    """A handler's answer: the body element and, for MTOM, the attachment parts (may stream)."""
+    """A handler's answer: the body element and, for MTOM, the attachment parts (may stream).
 
-    body: etree._Element
+    With ``body_after`` the body is only known once every attachment was streamed: the MTOM root part
+    is then sent *last* (XOP 1.0 §3 / RFC 2387: the root is the part named by ``start``).
+    """
+
+    body: etree._Element | None
     attachments: Sequence[mtom.Part] | AsyncIterable[mtom.Part] = field(default_factory=list)
+    body_after: Callable[[], etree._Element] | None = None
 
 
 Handler = Callable[[RequestContext], Awaitable[SoapResponse]]
@@ -94,12 +100,21 @@ def verification_policy(config: Config) -> VerificationPolicy:
     )
 
 
+Normalizer = Callable[[etree._Element], etree._Element]
+
+#: Body fix-ups applied before schema validation, per transaction: real peers send ITI-55 bodies whose
+#: HL7 elements carry no namespace (the Epic-bound Metriport request); the copy is what handlers see.
+DEFAULT_NORMALIZERS: dict[str, Normalizer] = {XCPD.transaction: iti55.normalise_hl7}
+
+
 class _Inbound:
     """The synchronous, CPU-bound part of request processing (runs in a worker thread)."""
 
-    def __init__(self, policy: VerificationPolicy, schemas: SchemaSet) -> None:
+    def __init__(self, policy: VerificationPolicy, schemas: SchemaSet,
+                 normalizers: Mapping[str, Normalizer]) -> None:
         self.policy = policy
         self.schemas = schemas
+        self.normalizers = normalizers
 
     def __call__(self, endpoint: Endpoint, content_type: str, body: bytes,
                  ) -> tuple[Envelope, VerifiedIdentity, dict[str, bytes], bool]:
@@ -112,6 +127,9 @@ class _Inbound:
                 f"wsa:Action {envelope.addressing.action!r} is not supported at {endpoint.path}; "
                 f"this {endpoint.transaction} endpoint accepts {endpoint.request_action!r}")
         identity = verify_security_header(envelope.security, self.policy)
+        normalize = self.normalizers.get(endpoint.transaction)
+        if normalize is not None:
+            envelope.body = normalize(envelope.body)
         self.schemas.validate(envelope.body)
         return envelope, identity, attachments, is_mtom
 
@@ -141,21 +159,24 @@ def _soap_response(envelope: etree._Element, action: str, status: int = 200) -> 
                     media_type=None, headers={"content-type": f'{SOAP_CONTENT_TYPE}; action="{action}"'})
 
 
-def _mtom_response(envelope: etree._Element, action: str,
+def _mtom_response(envelope: etree._Element | Callable[[], etree._Element], action: str,
                    attachments: Sequence[mtom.Part] | AsyncIterable[mtom.Part], status: int = 200) -> Response:
+    """MTOM package: root first, or — when ``envelope`` is a callable — root last."""
     boundary = mtom.new_boundary()
     root_cid = mtom.new_content_id("root")
-    root = mtom.Part(root_cid, f'{mtom.ROOT_PART_CONTENT_TYPE}; action="{action}"',
-                     xml.tostring(envelope, declaration=True))
+    root_type = f'{mtom.ROOT_PART_CONTENT_TYPE}; action="{action}"'
 
     async def parts() -> AsyncIterator[mtom.Part]:
-        yield root
+        if not callable(envelope):
+            yield mtom.Part(root_cid, root_type, xml.tostring(envelope, declaration=True))
         if isinstance(attachments, AsyncIterable):
             async for p in attachments:
                 yield p
         else:
             for p in attachments:
                 yield p
+        if callable(envelope):
+            yield mtom.Part(root_cid, root_type, xml.tostring(envelope(), declaration=True))
 
     return StreamingResponse(mtom.encode_mtom(parts(), boundary), status_code=status,
                              headers={"content-type": mtom.mtom_content_type(boundary, root_cid, action=action)})
@@ -172,10 +193,12 @@ class GatewayApp:
     """Builds the Starlette application for one configuration and a set of transaction handlers."""
 
     def __init__(self, config: Config, handlers: Mapping[str, Handler] | None = None, *,
-                 policy: VerificationPolicy | None = None, schemas: SchemaSet | None = None) -> None:
+                 policy: VerificationPolicy | None = None, schemas: SchemaSet | None = None,
+                 normalizers: Mapping[str, Normalizer] | None = None) -> None:
         self.config = config
         self.handlers = dict(handlers or {})
-        self.inbound = _Inbound(policy or verification_policy(config), schemas or default_schemas())
+        self.inbound = _Inbound(policy or verification_policy(config), schemas or default_schemas(),
+                                DEFAULT_NORMALIZERS if normalizers is None else normalizers)
 
     def routes(self) -> list[Route]:
         routes = [Route("/health", self.health, methods=["GET"]),
@@ -238,11 +261,18 @@ class GatewayApp:
             ctx = RequestContext(endpoint, envelope, identity, attachments, as_mtom,
                                  _peer_certificate(request), self.config)
             result = await handler(ctx)
-            env = build_envelope(result.body, action=endpoint.response_action, relates_to=relates_to,
-                                 to=ns.WSA_ANONYMOUS)
+            mid = relates_to
+
+            def wrap(body: etree._Element) -> etree._Element:
+                return build_envelope(body, action=endpoint.response_action, relates_to=mid, to=ns.WSA_ANONYMOUS)
+
+            if result.body_after is not None:
+                late = result.body_after
+                return _mtom_response(lambda: wrap(late()), endpoint.response_action, result.attachments)
+            assert result.body is not None, "a SoapResponse needs body or body_after"
             if endpoint.mtom or as_mtom:
-                return _mtom_response(env, endpoint.response_action, result.attachments)
-            return _soap_response(env, endpoint.response_action)
+                return _mtom_response(wrap(result.body), endpoint.response_action, result.attachments)
+            return _soap_response(wrap(result.body), endpoint.response_action)
         except SoapFault as fault:
             log.info("fault %s at %s: %s", fault.subcode or fault.code, endpoint.path, fault.reason)
             return fault_response(fault, relates_to=relates_to, as_mtom=as_mtom)

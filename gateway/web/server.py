@@ -74,11 +74,34 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _responding(config: Config) -> tuple[dict[str, Handler], Any]:
+    from gateway.responding.assembly import RespondingServices
+    from gateway.web.handlers import responding_handlers
+
+    services = RespondingServices.open(config)
+    return responding_handlers(services), services
+
+
 def serve(config: Config, handlers: Mapping[str, Handler] | None = None, **app_kwargs: Any) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM (graceful shutdown)."""
+    """Serve in the foreground until SIGINT/SIGTERM (graceful shutdown).
+
+    Without ``handlers`` the full responding gateway is assembled from the configuration.
+    """
+    services = None
+    if handlers is None:
+        handlers, services = _responding(config)
     app = create_app(config, handlers, **app_kwargs)
     server = _Server(uvicorn_config(config, app, log_level="info"))
-    server.run()
+
+    async def run() -> None:
+        try:
+            await server.serve()
+        finally:  # in the serving loop: backends' connections belong to it
+            if services is not None:
+                await services.aclose()
+
+    with server.capture_signals():  # graceful shutdown on SIGINT/SIGTERM, as uvicorn.Server.run does
+        asyncio.run(run())
 
 
 class BackgroundServer:
@@ -90,6 +113,9 @@ class BackgroundServer:
 
     def __init__(self, config: Config, handlers: Mapping[str, Handler] | None = None, **app_kwargs: Any) -> None:
         self.config = config
+        self.services: Any = None
+        if handlers is None:
+            handlers, self.services = _responding(config)
         self.app = create_app(config, handlers, **app_kwargs)
         self.socket = bind(config.server.host, config.server.port)
         self.port = self.socket.getsockname()[1]
@@ -102,9 +128,16 @@ class BackgroundServer:
         host = self.config.server.host
         return f"https://{f'[{host}]' if ':' in host else host}:{self.port}"
 
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.socket])
+        finally:  # in the serving loop: backends' connections belong to it
+            if self.services is not None:
+                await self.services.aclose()
+
     def _run(self) -> None:
         try:
-            asyncio.run(self.server.serve(sockets=[self.socket]))
+            asyncio.run(self._serve())
         except BaseException as exc:  # noqa: BLE001 - reported by start()/stop()
             self._error = exc
             self.server.ready.set()

@@ -1,0 +1,1 @@
+"""Responding-gateway services: what XIG answers when a partner community queries it."""

@@ -1,0 +1,48 @@
+"""The composition root of a responding gateway: database, PACS backends, ledger, services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from gateway.config import Config, FilesystemPacs
+from gateway.pacs.factory import open_backends
+from gateway.responding.community import Community
+from gateway.responding.discovery import DiscoveryService
+from gateway.responding.imaging import ImagingService
+from gateway.responding.query import QueryService
+from gateway.responding.retrieve import RetrieveService
+from gateway.store.db import open_database
+from gateway.store.ledger import SqlLedger, SqlPatientLinks
+
+
+@dataclass
+class RespondingServices:
+    config: Config
+    engine: Engine
+    community: Community
+    ledger: SqlLedger
+    links: SqlPatientLinks
+    discovery: DiscoveryService
+    query: QueryService
+    retrieve: RetrieveService
+    imaging: ImagingService
+
+    @classmethod
+    def open(cls, config: Config) -> RespondingServices:
+        engine = open_database(config.database.url, config.base_dir)
+        if not config.pacs:  # the embedded default when no PACS is configured
+            config = config.model_copy(update={"pacs": [FilesystemPacs(kind="filesystem",
+                                                                       path=config.base_dir / "var" / "pacs")]})
+        community = Community(open_backends(config, engine))
+        ledger, links = SqlLedger(engine), SqlPatientLinks(engine)
+        return cls(config, engine, community, ledger, links,
+                   DiscoveryService(config, community, links),
+                   QueryService(config, community, ledger),
+                   RetrieveService(config, community, ledger),
+                   ImagingService(config, community, ledger))
+
+    async def aclose(self) -> None:
+        await self.community.aclose()
+        self.engine.dispose()

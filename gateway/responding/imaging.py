@@ -1,0 +1,229 @@
+"""RAD-75 responding service: the images themselves, PACS → MTOM, without holding a study in memory.
+
+Per requested instance (RAD TF-3 4.75 via RAD-69 semantics, ITI TF-2 3.43):
+
+* HomeCommunityId must be ours, RepositoryUniqueId one of our PACS (``imaging_source_id``) —
+  else ``XDSUnknownCommunity`` / ``XDSUnknownRepositoryId``;
+* the instance must be referenced by a KOS delivered (ITI-39) to the requesting community within
+  ``[responder] rad75_authorization_hours`` (Carequality Imaging-002) — else
+  ``XDSDocumentUniqueIdError``, logged as a refused access (never says whether the UID exists);
+* the stored transfer syntax is returned when listed in TransferSyntaxUIDList, else the instance
+  is transcoded when possible, else ``XDSRepositoryError`` explaining the encoding problem;
+* the PACS failing for some instances gives errors for those only (PartialSuccess).
+
+MTOM layout (``[responder] rad75_root_part``): "first" spools instances to disk until every outcome
+is known, then sends root + parts; "last" streams parts as they leave the PACS and sends the root
+(with the status) at the end. Either way memory is bounded by one instance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+from lxml import etree
+
+from gateway.config import Config
+from gateway.dicom import transcode
+from gateway.ihe import iti39, rad75
+from gateway.ihe.iti39 import DocumentRequest, DocumentResult, Outcome
+from gateway.pacs.base import InstanceRef, PacsBackend, PacsError, RetrievedInstance, RetrieveFailure
+from gateway.responding.community import Community
+from gateway.responding.ports import Ledger
+from gateway.security.saml import VerifiedIdentity
+from gateway.soap import mtom
+
+log = logging.getLogger("xig.rad75")
+CHUNK = 1024 * 1024
+
+
+@dataclass
+class _Plan:
+    """Outcomes in request order, filled as instances are retrieved."""
+
+    requests: list[tuple[str, str, DocumentRequest]]
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    #: instances to fetch, per backend: (index in requests, ref)
+    fetch: dict[str, list[tuple[int, InstanceRef]]] = field(default_factory=dict)
+
+    def ordered(self) -> list[Outcome]:
+        return [self.outcomes[i] for i in range(len(self.requests))]
+
+
+class ImagingService:
+    def __init__(self, config: Config, community: Community, ledger: Ledger) -> None:
+        self.config = config
+        self.community = community
+        self.ledger = ledger
+
+    # -- planning -------------------------------------------------------------------------------------
+    async def plan(self, request: rad75.ImagingRetrieveRequest, identity: VerifiedIdentity) -> _Plan:
+        plan = _Plan(list(rad75.iter_document_requests(request)))
+        hcid = self.config.gateway.home_community_id
+        candidates: list[tuple[int, str, str, DocumentRequest]] = []
+        for index, (study, series, doc) in enumerate(plan.requests):
+            ok, failed = iti39.screen_requests([doc], hcid)
+            if failed:
+                plan.outcomes[index] = failed[0]
+            elif self.community.backend_for(doc.repository_unique_id) is None:
+                plan.outcomes[index] = iti39.unknown_repository(doc)
+            else:
+                candidates.append((index, study, series, doc))
+        window = dt.timedelta(hours=self.config.responder.rad75_authorization_hours)
+        uids = [c[3].document_unique_id for c in candidates]
+        allowed = await anyio.to_thread.run_sync(
+            lambda: self.ledger.authorized(uids, identity.home_community_id, window))
+        for index, study, series, doc in candidates:
+            if doc.document_unique_id not in allowed:
+                log.warning("RAD-75 refused: %s (%s) asked for %s, not in a manifest delivered to it in the last %sh",
+                            identity.audit_user_name, identity.home_community_id, doc.document_unique_id,
+                            self.config.responder.rad75_authorization_hours)
+                plan.outcomes[index] = iti39.unknown_document(
+                    doc, f"instance {doc.document_unique_id} is not available to community "
+                         f"{identity.home_community_id}: retrieve the study's manifest (ITI-39) first")
+                continue
+            plan.fetch.setdefault(doc.repository_unique_id, []).append(
+                (index, InstanceRef(study, series, doc.document_unique_id)))
+        return plan
+
+    # -- retrieval -------------------------------------------------------------------------------------
+    async def _instances(self, plan: _Plan, accepted: tuple[str, ...],
+                         ) -> AsyncIterator[tuple[int, bytes | AsyncIterator[bytes]]]:
+        """Successful instances as (request index, data); failures are written into ``plan.outcomes``."""
+        for source_id, items in plan.fetch.items():
+            backend = self.community.backend_for(source_id)
+            assert backend is not None
+            by_uid = {ref.SOPInstanceUID: (index, ref) for index, ref in items}
+            async for index, data in self._from_backend(backend, plan, by_uid, accepted):
+                yield index, data
+
+    async def _from_backend(self, backend: PacsBackend, plan: _Plan, by_uid: dict[str, tuple[int, InstanceRef]],
+                            accepted: tuple[str, ...]) -> AsyncIterator[tuple[int, bytes | AsyncIterator[bytes]]]:
+        pending = dict(by_uid)
+        try:
+            async for item in backend.retrieve([ref for _, ref in by_uid.values()]):
+                entry = pending.pop(item.ref.SOPInstanceUID, None)
+                if entry is None:
+                    continue
+                index = entry[0]
+                doc = plan.requests[index][2]
+                if isinstance(item, RetrieveFailure):
+                    plan.outcomes[index] = iti39.unknown_document(doc, item.reason)
+                    continue
+                data = await self._encode(item, accepted, doc, plan, index)
+                if data is not None:
+                    yield index, data
+        except PacsError as exc:
+            log.warning("RAD-75: PACS %s failed mid-retrieve: %s", backend.source_id, exc)
+            reason = f"the imaging archive failed during the retrieve: {exc}"
+        else:
+            reason = "the imaging archive did not deliver this instance"
+        for index, _ in pending.values():
+            plan.outcomes[index] = iti39.repository_error(plan.requests[index][2], reason)
+
+    async def _encode(self, item: RetrievedInstance, accepted: tuple[str, ...], doc: DocumentRequest,
+                      plan: _Plan, index: int) -> bytes | AsyncIterator[bytes] | None:
+        decision = transcode.choose_syntax(item.TransferSyntaxUID, accepted)
+        if decision.return_as_is:
+            return _guarded(item.chunks, plan, index, doc)
+        if decision.target is None:
+            await _drain(item.chunks)
+            failure = rad75.transfer_syntax_failure(doc, accepted, [item.TransferSyntaxUID])
+            plan.outcomes[index] = iti39.DocumentFailure(doc, failure.code, f"{failure.context}: {decision.reason}")
+            return None
+        raw = b"".join([c async for c in item.chunks])  # one instance: transcoding needs it whole
+        try:
+            return await anyio.to_thread.run_sync(transcode.transcode, raw, decision.target)
+        except transcode.TranscodeError as exc:
+            plan.outcomes[index] = iti39.repository_error(doc, str(exc))
+            return None
+
+    # -- response --------------------------------------------------------------------------------------
+    async def respond(self, body: etree._Element, identity: VerifiedIdentity,
+                      ) -> tuple[etree._Element | None, AsyncIterator[mtom.Part], Callable[[], etree._Element] | None]:
+        """``(root or None, parts, build-root-later or None)`` for :class:`gateway.web.app.SoapResponse`."""
+        request = rad75.parse_request(body)
+        plan = await self.plan(request, identity)
+        accepted = request.transfer_syntaxes
+        hcid = self.config.gateway.home_community_id
+        cids: dict[int, str] = {}
+
+        def root() -> etree._Element:
+            for index, cid in cids.items():
+                if index not in plan.outcomes:
+                    plan.outcomes[index] = DocumentResult(plan.requests[index][2], rad75.MIME_DICOM, cid)
+            element, _ = rad75.build_response_skeleton(plan.ordered(), home_community_id=hcid)
+            return element
+
+        if self.config.responder.rad75_root_part == "last":
+            async def streamed() -> AsyncIterator[mtom.Part]:
+                async for index, data in self._instances(plan, accepted):
+                    cids[index] = mtom.normalize_content_id(mtom.new_content_id(f"i{index}"))
+                    yield mtom.Part(cids[index], "application/dicom", data)
+            return None, streamed(), root
+
+        spool = Path(tempfile.mkdtemp(prefix="xig-rad75-", dir=self.config.responder.spool_dir))
+        try:
+            files: dict[int, Path] = {}
+            async for index, data in self._instances(plan, accepted):
+                path = await _spool(spool / f"{index}.dcm", data)
+                if index in plan.outcomes:  # broke off while spooling
+                    path.unlink(missing_ok=True)
+                    continue
+                files[index] = path
+                cids[index] = mtom.normalize_content_id(mtom.new_content_id(f"i{index}"))
+        except BaseException:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
+        element = root()
+
+        async def from_spool() -> AsyncIterator[mtom.Part]:
+            try:
+                for index in sorted(files):
+                    yield mtom.Part(cids[index], "application/dicom", _read(files[index]))
+            finally:
+                shutil.rmtree(spool, ignore_errors=True)
+        return element, from_spool(), None
+
+
+async def _guarded(chunks: AsyncIterator[bytes], plan: _Plan, index: int, doc: DocumentRequest,
+                   ) -> AsyncIterator[bytes]:
+    """Pass chunks through; a PACS failure mid-instance ends the part and marks the instance failed.
+
+    The partial bytes cannot be recalled, but the root (sent after them, or built after the spool)
+    reports the instance as an error, so a consumer discards them.
+    """
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (PacsError, OSError) as exc:
+        log.warning("RAD-75: instance %s broke off: %s", doc.document_unique_id, exc)
+        plan.outcomes[index] = iti39.repository_error(doc, f"the imaging archive failed while sending it: {exc}")
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    async for _ in chunks:
+        pass
+
+
+async def _spool(path: Path, data: bytes | AsyncIterator[bytes]) -> Path:
+    async with await anyio.open_file(path, "wb") as f:
+        if isinstance(data, bytes):
+            await f.write(data)
+        else:
+            async for chunk in data:
+                await f.write(chunk)
+    return path
+
+
+async def _read(path: Path) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(path, "rb") as f:
+        while chunk := await f.read(CHUNK):
+            yield chunk
