@@ -6,19 +6,24 @@ import asyncio
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from gateway.config import Config, ConfigError, load_config
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+if TYPE_CHECKING:
+    from gateway.pacs.filesystem import FilesystemBackend
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="XIG — cross-community imaging gateway (IHE XCPD / XCA / XCA-I, Carequality).")
 config_app = typer.Typer(no_args_is_help=True, help="Example and validation of configuration files.")
 certs_app = typer.Typer(no_args_is_help=True, help="Test certificates (never for production).")
+pacs_app = typer.Typer(no_args_is_help=True, help="The embedded filesystem PACS: import and list.")
 app.add_typer(config_app, name="config")
 app.add_typer(certs_app, name="certs")
+app.add_typer(pacs_app, name="pacs")
 
 console = Console()
 err = Console(stderr=True)
@@ -70,6 +75,65 @@ def certs_init(
         raise typer.Exit(1) from None
     console.print(f"test PKI written to {certs.directory}: ca.crt, gateway.crt/.key, partner.crt/.key "
                   "([bold]test only[/])")
+
+
+def _filesystem_store(cfg: Config, name: str | None) -> FilesystemBackend:
+    from gateway.config import FilesystemPacs
+    from gateway.pacs.filesystem import FilesystemBackend
+    from gateway.store.db import open_database
+
+    stores = [(i, p) for i, p in enumerate(cfg.pacs) if isinstance(p, FilesystemPacs)
+              and (name is None or p.name == name)]
+    if not cfg.pacs:  # the embedded default, as `xig serve` uses it
+        stores = [(0, FilesystemPacs(kind="filesystem", path=cfg.base_dir / "var" / "pacs"))]
+    if not stores:
+        err.print("[red]no filesystem [pacs] entry in this configuration[/]"
+                  + (f" named {name!r}" if name else ""))
+        raise typer.Exit(2)
+    _, entry = stores[0]
+    entry.path.mkdir(parents=True, exist_ok=True)
+    source = entry.imaging_source_id or cfg.gateway.imaging_source_id
+    return FilesystemBackend(entry.path, open_database(cfg.database.url, cfg.base_dir), source, name=entry.name)
+
+
+PacsName = Annotated[str | None, typer.Option("--pacs", help="name of the filesystem [[pacs]] entry")]
+
+
+@pacs_app.command("import")
+def pacs_import(config: ConfigOption,
+                directory: Annotated[Path, typer.Argument(help="folder of DICOM files (searched recursively)")],
+                pacs: PacsName = None) -> None:
+    """Copy DICOM files into the embedded store and index them (idempotent; bad files are reported)."""
+    if not directory.is_dir():
+        err.print(f"[red]{directory} is not a folder[/]")
+        raise typer.Exit(2)
+    store = _filesystem_store(_load(config), pacs)
+    report = store.index_directory(directory)
+    for bad in report.failed:
+        err.print(f"[yellow]not imported[/] {bad.source}: {bad.reason}")
+    console.print(report.summary())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@pacs_app.command("ls")
+def pacs_ls(config: ConfigOption, pacs: PacsName = None,
+            patient: Annotated[str | None, typer.Option(help="list this patient's studies")] = None) -> None:
+    """List the patients (or one patient's studies) in the embedded store."""
+    from rich.table import Table
+
+    store = _filesystem_store(_load(config), pacs)
+    if patient is None:
+        table = Table("Patient ID", "Name", "Birth date", "Sex", "Studies", "Instances")
+        for p in store.list_patients():
+            r = p.patient
+            table.add_row(r.PatientID, r.PatientName, r.PatientBirthDate, r.PatientSex, str(p.studies),
+                          str(p.instances))
+    else:
+        table = Table("Study date", "Description", "Modalities", "Accession", "Series", "Instances", "Study UID")
+        for s in store.list_studies(patient):
+            table.add_row(s.StudyDate, s.StudyDescription, "/".join(s.modalities), s.AccessionNumber,
+                          str(s.series), str(s.instances), s.StudyInstanceUID)
+    console.print(table)
 
 
 @app.command("serve")

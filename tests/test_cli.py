@@ -96,3 +96,22 @@ def test_demo_self_check(tmp_path: Path) -> None:
     assert r.stdout.count("✓") == 5 and "✗" not in r.stdout
     assert "wsse:InvalidSecurity" in r.stdout
     assert "curl --cacert" in r.stdout
+
+
+def test_pacs_import_and_ls(tmp_path: Path, pki: CertSet) -> None:
+    from gateway.dicom.synth import make_study
+
+    cfg = write_config(tmp_path / "gw", pki, extra='[database]\nurl = "sqlite:///xig.db"')
+    make_study(tmp_path / "in", patient_id="CLI-1", patient_name="Cli^Carla", birth_date="19800101", sex="F",
+               study_description="CT head", series=(("CT", 2, "HEAD"),), seed="cli")
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    r = run("pacs", "import", "--config", str(cfg), str(tmp_path / "in"))
+    assert r.returncode == 1, r.stdout + r.stderr  # one bad file: reported, the others imported
+    assert "2 imported" in r.stdout and "notes.txt" in r.stderr
+    r = run("pacs", "import", "--config", str(cfg), str(tmp_path / "in"))
+    assert "0 imported" in r.stdout and "2 skipped" in r.stdout  # idempotent
+    r = run("pacs", "ls", "--config", str(cfg))
+    assert r.returncode == 0 and "CLI-1" in r.stdout and "Cli^Carla" in r.stdout
+    r = run("pacs", "ls", "--config", str(cfg), "--patient", "CLI-1")
+    assert "CT head" in r.stdout and "CT" in r.stdout
+    assert len(list((tmp_path / "gw" / "pacs").rglob("*.dcm"))) == 2

@@ -161,3 +161,32 @@ async def test_registry_errors(community: Any, pki: CertSet) -> None:
     assert [e.code for e in got.errors] == ["XDSDocumentUniqueIdError", "XDSUnknownRepositoryId",
                                             "XDSUnknownCommunity"]
     assert got.status.endswith("Failure") and reply.is_mtom
+
+
+async def test_stable_entry_mode(tmp_path: Path, pki: CertSet) -> None:
+    """``kos_entry_type = "stable"``: the KOS of the current content, with size and hash, as a Stable entry."""
+    import hashlib
+
+    cfg = load_config(write_config(tmp_path / "gw", pki, ids=IHE_TEST_IDS,
+                                   extra='[responder]\nkos_entry_type = "stable"'))
+    server = BackgroundServer(cfg).start()
+    try:
+        make_study(tmp_path / "in", patient_id="ST-1", patient_name="Stable^Sue", birth_date="19900101", sex="F",
+                   series=(("MR", 2, "KNEE"),), seed="stable")
+        assert server.services.community.backends[0].index_directory(tmp_path / "in").ok
+        q = iti38.build_query(iti38.FindDocumentsParams(patient_id=ebrim.CX("ST-1", AA)))  # Stable only
+        res = iti38.parse_response((await call(cfg, pki, server.url + XCA_QUERY.path, q,
+                                               XCA_QUERY.request_action)).body)
+        assert len(res.entries) == 1
+        e = res.entries[0]
+        assert not e.is_on_demand and e.size and e.hash
+        req = iti39.build_request([iti39.DocumentRequest(HCID, REPO, e.unique_id)])
+        reply = await call(cfg, pki, server.url + XCA_RETRIEVE.path, req, XCA_RETRIEVE.request_action,
+                           use_mtom=True)
+        doc = iti39.parse_response(reply.body, reply.attachments).documents[0]
+        data = doc.data if doc.data is not None else doc.attachment
+        assert doc.new_document_unique_id is None and doc.document_unique_id == e.unique_id
+        assert len(data) == e.size and hashlib.sha1(data).hexdigest() == e.hash  # noqa: S324 - XDS hash
+        assert parse_kos(data).sop_instance_uid == e.unique_id
+    finally:
+        server.stop()
