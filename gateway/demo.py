@@ -1,9 +1,10 @@
 """``xig demo``: a responding gateway on the embedded default, and a self-check that calls it.
 
 Until the initiating side exists, the demo starts one community's responding gateway (embedded
-filesystem store, test certificates from ``certs-example/``) and shows the security pipeline at
-work over real mutual TLS: a signed request passes TLS, XUA and schema checks; an unsigned one
-and a caller without a client certificate are refused with a clear reason.
+filesystem store seeded with two synthetic prior studies, test certificates from ``certs-example/``)
+and plays a partner against it over real mutual TLS with signed assertions: XCPD finds the patient,
+ITI-38 lists the KOS entries, ITI-39 returns a manifest generated on demand; an unsigned request and
+a caller without a client certificate are refused with a clear reason.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gateway.security.outbound import security_header
 from gateway.security.tls import client_context
 from gateway.soap import ns
 from gateway.web.client import SoapClient, TransportError
-from gateway.web.endpoints import XCA_QUERY
+from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCPD
 from gateway.web.server import BackgroundServer
 
 FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
@@ -99,43 +100,83 @@ def prepare(workdir: Path, port: int) -> Config:
     return load_config(cfg_path)
 
 
+
+
+def seed(server: BackgroundServer, workdir: Path) -> None:
+    """Two prior studies for the demo patient in the embedded store (once)."""
+    from gateway.dicom.synth import make_study
+
+    store = server.services.community.backends[0]
+    if store.list_patients():
+        return
+    incoming = workdir / "incoming"
+    for name, accession, description, date, series in (
+            ("ct", "A1001", "CT chest", "20240115", (("CT", 4, "CHEST"),)),
+            ("mr", "A1002", "MR brain", "20230302", (("MR", 3, "BRAIN"), ("MR", 2, "BRAIN")))):
+        make_study(incoming / name, patient_id="DEMO-1", patient_name="Doe^Dana", birth_date="19700405", sex="F",
+                   accession=accession, study_description=description, study_date=date, series=series,
+                   seed=f"demo-{name}")
+    store.index_directory(incoming)
+    shutil.rmtree(incoming, ignore_errors=True)
+
+
+def _ok(console: Console, ok: bool, text: str) -> bool:
+    console.print(f"[{'green' if ok else 'red'}]{'✓' if ok else '✗'}[/] {text}")
+    return ok
+
+
 async def self_check(cfg: Config, url: str, console: Console) -> bool:
-    certs_ok = True
+    from gateway.dicom.kos import parse_kos
+    from gateway.ihe import ebrim, iti38, iti39, iti55
+
+    ok = True
     partner_tls = client_context(cfg.saml.signing_certificate, cfg.saml.signing_key, cfg.server.client_ca)
     async with httpx.AsyncClient(verify=partner_tls) as http:
         health = (await http.get(f"{url}/health")).json()
-        console.print(f"[green]✓[/] GET {url}/health → {health['status']}, community {health['home_community_id']}")
+        ok &= _ok(console, health["status"] == "ok",
+                  f"GET {url}/health → {health['status']}, community {health['home_community_id']}")
         wsdl = await http.get(f"{url}{XCA_QUERY.path}?wsdl")
-        console.print(f"[green]✓[/] GET {url}{XCA_QUERY.path}?wsdl → {len(wsdl.content)} bytes of IHE WSDL")
+        ok &= _ok(console, wsdl.status_code == 200, f"GET {url}{XCA_QUERY.path}?wsdl → IHE WSDL with its address")
+    hcid, aa = cfg.gateway.home_community_id, cfg.gateway.assigning_authority
     async with SoapClient(partner_tls) as client:
+        endpoint = url + XCPD.path
+        body, _ = iti55.build_request(
+            iti55.PatientDemographics(names=(iti55.PersonName(family=("DOE",), given=("dana",)),), gender="F",
+                                      birth_time="19700405"),
+            sender_device_id="2.999.2", home_community_id="urn:oid:2.999.2", receiver_device_id=hcid[8:])
+        reply = await client.call(endpoint, body, XCPD.request_action, security=security_header(cfg, endpoint))
+        found = iti55.parse_response(reply.body) if reply.fault is None else None
+        pid = found.patients[0].patient_id.extension if found and found.patients else None
+        ok &= _ok(console, pid is not None, f"ITI-55 XCPD for DOE/dana/1970-04-05/F → patient {pid} in {aa}")
         endpoint = url + XCA_QUERY.path
-        body = find_documents_request("PAT-1^^^&2.999.1.1&ISO")
-        reply = await client.call(endpoint, body, XCA_QUERY.request_action,
-                                  security=security_header(cfg, endpoint))
-        if reply.fault is not None and "not enabled" in reply.fault.reason:
-            console.print("[green]✓[/] signed ITI-38 request: mutual TLS, XUA signature, WS-Addressing and "
-                          "XSD checks passed; the query service itself arrives with the responding gateway")
-        elif reply.fault is not None:
-            console.print(f"[red]✗[/] signed ITI-38 request refused: {reply.fault}")
-            certs_ok = False
-        else:
-            console.print(f"[green]✓[/] signed ITI-38 request answered: {etree.QName(reply.body).localname}")
-        reply = await client.call(endpoint, find_documents_request("PAT-1^^^&2.999.1.1&ISO"),
-                                  XCA_QUERY.request_action)
-        ok = reply.fault is not None and reply.fault.subcode is not None
-        console.print(f"[{'green' if ok else 'red'}]{'✓' if ok else '✗'}[/] request without an assertion → "
-                      f"{reply.fault.subcode if reply.fault else 'accepted?!'}: "
-                      f"{reply.fault.reason if reply.fault else ''}")
-        certs_ok &= ok
+        query = iti38.build_query(iti38.find_documents_for_kos(ebrim.CX(pid or "?", aa)))
+        reply = await client.call(endpoint, query, XCA_QUERY.request_action, security=security_header(cfg, endpoint))
+        entries = iti38.parse_response(reply.body).entries if reply.fault is None else []
+        ok &= _ok(console, len(entries) == 2, f"ITI-38 FindDocuments → {len(entries)} on-demand KOS entries: "
+                  + "; ".join(e.title or "" for e in entries))
+        if entries:
+            endpoint = url + XCA_RETRIEVE.path
+            req = iti39.build_request([iti39.DocumentRequest(hcid, cfg.gateway.repository_unique_id,
+                                                             entries[0].unique_id)])
+            reply = await client.call(endpoint, req, XCA_RETRIEVE.request_action, use_mtom=True,
+                                      security=security_header(cfg, endpoint))
+            docs = iti39.parse_response(reply.body, reply.attachments).documents if reply.fault is None else []
+            kos = parse_kos(docs[0].data or docs[0].attachment) if docs else None
+            ok &= _ok(console, kos is not None, "ITI-39 → KOS manifest generated now, referencing "
+                      f"{len(kos.references) if kos else 0} instances (NewDocumentUniqueId "
+                      f"{docs[0].new_document_unique_id if docs else '-'})")
+        reply = await client.call(url + XCA_QUERY.path, query, XCA_QUERY.request_action)
+        refused = reply.fault is not None and reply.fault.subcode is not None
+        ok &= _ok(console, refused, "request without an assertion → "
+                  + (f"{reply.fault.subcode}: {reply.fault.reason}" if reply.fault else "accepted?!"))
     anonymous = ssl.create_default_context(cafile=str(cfg.server.client_ca))
     async with SoapClient(anonymous) as client:
         try:
             await client.call(url + XCA_QUERY.path, find_documents_request("x"), XCA_QUERY.request_action)
-            console.print("[red]✗[/] a caller without a client certificate was let in")
-            certs_ok = False
+            ok &= _ok(console, False, "a caller without a client certificate was let in")
         except TransportError as exc:
-            console.print(f"[green]✓[/] caller without a client certificate refused at TLS: {exc}")
-    return certs_ok
+            _ok(console, True, f"caller without a client certificate refused at TLS: {exc}")
+    return ok
 
 
 def how_to_call(cfg: Config, url: str) -> str:
@@ -153,6 +194,7 @@ async def run_demo(workdir: Path, port: int, serve_after: bool, console: Console
     console.rule("XIG demo — responding gateway on the embedded default")
     server = BackgroundServer(cfg).start()
     try:
+        seed(server, workdir)
         console.print(f"gateway for community {cfg.gateway.home_community_id} listening on {server.url} "
                       f"(config {workdir / 'xig.toml'})")
         ok = await self_check(cfg, server.url, console)
@@ -166,5 +208,3 @@ async def run_demo(workdir: Path, port: int, serve_after: bool, console: Console
         return 0 if ok else 1
     finally:
         server.stop()
-        if not any((workdir / "pacs").iterdir()):
-            shutil.rmtree(workdir / "pacs", ignore_errors=True)
