@@ -114,7 +114,6 @@ _PYDICOM_ENCODED = frozenset({RLE_LOSSLESS, JPEG_LS_LOSSLESS, JPEG_2000_LOSSLESS
 _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float / Double Float / Pixel Data
 
 
-
 class TranscodeError(XigError):
     """An object cannot be returned in a requested syntax; ``str()`` is fit for a RegistryError codeContext."""
 

@@ -139,8 +139,9 @@ class ImagingService:
             plan.outcomes[index] = iti39.DocumentFailure(doc, failure.code, f"{failure.context}: {decision.reason}")
             return None
         raw = b"".join([c async for c in item.chunks])  # one instance: transcoding needs it whole
-        try:
-            return await anyio.to_thread.run_sync(transcode.transcode, raw, decision.target)
+        try:  # convert_for falls back to the other accepted syntaxes when an encoder refuses this image
+            _, data = await anyio.to_thread.run_sync(transcode.convert_for, raw, item.TransferSyntaxUID, accepted)
+            return data
         except transcode.TranscodeError as exc:
             plan.outcomes[index] = iti39.repository_error(doc, str(exc))
             return None
