@@ -148,3 +148,34 @@ async def test_other_community_cannot_use_our_manifest(gateway: Any, pki: CertSe
                              XCAI_RETRIEVE.request_action, use_mtom=True, security=security_header(other, url))
     res = rad75.parse_response(reply.body, reply.attachments)
     assert res.documents == [] and [e.code for e in res.errors] == ["XDSDocumentUniqueIdError"]
+
+
+async def test_pacs_gone_mid_flight(pki: CertSet, tmp_path: Path, seeded: SyntheticStudy) -> None:
+    """The PACS dies after the manifest was delivered: every instance gets an error, the response stays
+    well-formed and schema-valid, and the gateway keeps serving."""
+    own = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        own.upload(seeded.paths)
+        path = write_config(tmp_path / "gw", pki, ids=IHE_TEST_IDS)
+        path.write_text(path.read_text().replace('[pacs]\nkind = "filesystem"\npath = "pacs"\n',
+                                                 pacs_section("dicomweb", own)))
+        cfg = load_config(path)
+        server = BackgroundServer(cfg).start()
+        try:
+            kos = await manifest(cfg, pki, server.url)
+            own.kill()
+            items = [(r.study_uid, r.series_uid, r.sop_instance_uid, SOURCE) for r in kos.references]
+            reply = await call(cfg, pki, server.url + XCAI_RETRIEVE.path, imaging_request(items, [EVRLE]),
+                               XCAI_RETRIEVE.request_action, use_mtom=True)
+            res = rad75.parse_response(reply.body, reply.attachments)
+            assert res.status.endswith(":Failure") and res.documents == []
+            assert len(res.errors) == len(items)
+            assert {e.code for e in res.errors} == {"XDSRepositoryError"}  # could not deliver, not "unknown"
+            # still serving: the query answers (with a registry error: the archive is gone)
+            q = iti38.build_query(iti38.find_documents_for_kos(ebrim.CX("RAD75-P1", AA)))
+            reply = await call(cfg, pki, server.url + XCA_QUERY.path, q, XCA_QUERY.request_action)
+            assert [e.code for e in iti38.parse_response(reply.body).errors] == ["XDSRegistryError"]
+        finally:
+            server.stop()
+    finally:
+        own.stop()

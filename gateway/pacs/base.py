@@ -131,6 +131,9 @@ class RetrieveFailure:
 
     ref: InstanceRef
     reason: str
+    #: True when the PACS answered that it does not have the instance (→ XDSDocumentUniqueIdError);
+    #: False when it could not deliver it (unreachable, failed sub-operation → XDSRepositoryError).
+    missing: bool = False
 
 
 @dataclass(frozen=True)

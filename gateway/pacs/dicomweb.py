@@ -433,7 +433,8 @@ class DicomwebBackend:
                 continue
             for sop in [s for s in waiting if s not in present]:
                 for ref in waiting.pop(sop):
-                    yield RetrieveFailure(ref, f"not found on the DICOMweb server in study {study} / series {series}")
+                    yield RetrieveFailure(ref, f"not found on the DICOMweb server in study {study} / series {series}",
+                                         missing=True)
             if not waiting:
                 continue
             if len(waiting) >= 2 and 2 * len(waiting) >= len(present):

@@ -239,13 +239,13 @@ class _Session:
                 return _STORE_REFUSED
         return _STORE_OK
 
-    def fail(self, sops: Sequence[str], reason: str) -> bool:
+    def fail(self, sops: Sequence[str], reason: str, *, missing: bool = False) -> bool:
         """Report the still-waiting ones among ``sops`` as failures; ``False`` when the consumer is gone."""
         for sop in sops:
             with self.lock:
                 refs = self.waiting.pop(sop, None)
             for ref in refs or ():
-                if not self.channel.put(RetrieveFailure(ref, reason)):
+                if not self.channel.put(RetrieveFailure(ref, reason, missing)):
                     return False
         return True
 
@@ -634,7 +634,7 @@ class DimseBackend:
                         found[_s(r, "SOPInstanceUID")] = _s(r, "SOPClassUID")
                 missing = [sop for sop in sops if sop not in found]
                 if missing and not session.fail(missing, f"not found on PACS {self._peer} in study {study} / "
-                                                         f"series {series}"):
+                                                         f"series {series}", missing=True):
                     return {}
                 wanted = {sop: found[sop] for sop in sops if sop in found}
                 if wanted:

@@ -549,11 +549,11 @@ class FilesystemBackend:
         for ref in refs:
             row = rows.get(ref.SOPInstanceUID)
             if row is None:
-                yield RetrieveFailure(ref, f"SOP instance {ref.SOPInstanceUID} is not in the store")
+                yield RetrieveFailure(ref, f"SOP instance {ref.SOPInstanceUID} is not in the store", missing=True)
                 continue
             if row.study_instance_uid != ref.StudyInstanceUID or row.series_instance_uid != ref.SeriesInstanceUID:
                 yield RetrieveFailure(ref, f"SOP instance {ref.SOPInstanceUID} is not part of study "
-                                           f"{ref.StudyInstanceUID} / series {ref.SeriesInstanceUID}")
+                                           f"{ref.StudyInstanceUID} / series {ref.SeriesInstanceUID}", missing=True)
                 continue
             try:
                 path = self._path_of(row.path)

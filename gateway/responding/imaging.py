@@ -115,7 +115,8 @@ class ImagingService:
                 index = entry[0]
                 doc = plan.requests[index][2]
                 if isinstance(item, RetrieveFailure):
-                    plan.outcomes[index] = iti39.unknown_document(doc, item.reason)
+                    plan.outcomes[index] = (iti39.unknown_document(doc, item.reason) if item.missing
+                                            else iti39.repository_error(doc, item.reason))
                     continue
                 data = await self._encode(item, accepted, doc, plan, index)
                 if data is not None:
