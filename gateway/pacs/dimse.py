@@ -78,6 +78,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from gateway.dicom import values as dv
 from gateway.pacs.base import (
     InstanceInfo,
     InstanceRef,
@@ -118,23 +119,8 @@ Item = RetrievedInstance | RetrieveFailure
 # Small helpers
 # -------------------------------------------------------------------------------------------------
 
-def _s(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple):
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -149,7 +135,7 @@ def _status_text(status: Dataset) -> str:
     if "Status" not in status:
         return "no response (association aborted or timed out)"
     text = f"status 0x{int(status.Status):04X}"
-    comment = _s(status, "ErrorComment")
+    comment = dv.text(status, "ErrorComment")
     if comment:
         text += f" ({comment})"
     failed = status.get("NumberOfFailedSuboperations")
@@ -481,8 +467,9 @@ class DimseBackend:
                 model = (PatientRootQueryRetrieveInformationModelFind if patient_root
                          else StudyRootQueryRetrieveInformationModelFind)
                 for r in self._find(assoc, ds, model):
-                    rec = PatientRecord(_s(r, "PatientID"), _s(r, "IssuerOfPatientID") or None, _s(r, "PatientName"),
-                                        _s(r, "PatientBirthDate"), _s(r, "PatientSex"))
+                    rec = PatientRecord(dv.text(r, "PatientID"), dv.text(r, "IssuerOfPatientID") or None,
+                                        dv.text(r, "PatientName"), dv.text(r, "PatientBirthDate"),
+                                        dv.text(r, "PatientSex"))
                     if rec.PatientID:
                         found.setdefault((rec.PatientID, rec.IssuerOfPatientID), rec)
         return list(found.values())
@@ -503,7 +490,7 @@ class DimseBackend:
         return ds
 
     def _tree(self, assoc: Association, study: Dataset) -> StudyInfo:
-        uid = _s(study, "StudyInstanceUID")
+        uid = dv.text(study, "StudyInstanceUID")
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = uid
@@ -512,8 +499,8 @@ class DimseBackend:
             setattr(q, keyword, "")
         series: list[SeriesInfo] = []
         for s in sorted(self._find(assoc, q, StudyRootQueryRetrieveInformationModelFind),
-                        key=lambda d: (_int(d, "SeriesNumber") or 0, _s(d, "SeriesInstanceUID"))):
-            series_uid = _s(s, "SeriesInstanceUID")
+                        key=lambda d: (dv.integer(d, "SeriesNumber") or 0, dv.text(d, "SeriesInstanceUID"))):
+            series_uid = dv.text(s, "SeriesInstanceUID")
             if not series_uid:
                 continue
             iq = Dataset()
@@ -524,20 +511,22 @@ class DimseBackend:
             iq.SOPClassUID = ""
             iq.InstanceNumber = ""
             instances = sorted(
-                (InstanceInfo(_s(i, "SOPClassUID"), _s(i, "SOPInstanceUID"), _int(i, "InstanceNumber"))
+                (InstanceInfo(dv.text(i, "SOPClassUID"), dv.text(i, "SOPInstanceUID"), dv.integer(i, "InstanceNumber"))
                  for i in self._find(assoc, iq, StudyRootQueryRetrieveInformationModelFind)
-                 if _s(i, "SOPInstanceUID")),
+                 if dv.text(i, "SOPInstanceUID")),
                 key=lambda i: (i.InstanceNumber if i.InstanceNumber is not None else 1 << 30, i.SOPInstanceUID))
-            series.append(SeriesInfo(series_uid, _s(s, "Modality"), _int(s, "SeriesNumber"),
-                                     _s(s, "SeriesDescription"), _s(s, "BodyPartExamined"), tuple(instances)))
-        patient = PatientRecord(_s(study, "PatientID"), _s(study, "IssuerOfPatientID") or None,
-                                _s(study, "PatientName"), _s(study, "PatientBirthDate"), _s(study, "PatientSex"))
-        retrieve_aet = _s(study, "RetrieveAETitle").split("\\")[0] or self.retrieve_ae_title
+            series.append(SeriesInfo(series_uid, dv.text(s, "Modality"), dv.integer(s, "SeriesNumber"),
+                                     dv.text(s, "SeriesDescription"), dv.text(s, "BodyPartExamined"), tuple(instances)))
+        patient = PatientRecord(dv.text(study, "PatientID"), dv.text(study, "IssuerOfPatientID") or None,
+                                dv.text(study, "PatientName"), dv.text(study, "PatientBirthDate"),
+                                dv.text(study, "PatientSex"))
+        retrieve_aet = dv.text(study, "RetrieveAETitle").split("\\")[0] or self.retrieve_ae_title
         return StudyInfo(
-            StudyInstanceUID=uid, patient=patient, StudyDate=_s(study, "StudyDate"), StudyTime=_s(study, "StudyTime"),
-            AccessionNumber=_s(study, "AccessionNumber"), AccessionNumberIssuer=accession_issuer(study),
-            StudyID=_s(study, "StudyID"), StudyDescription=_s(study, "StudyDescription"),
-            ReferringPhysicianName=_s(study, "ReferringPhysicianName"), series=tuple(series),
+            StudyInstanceUID=uid, patient=patient, StudyDate=dv.text(study, "StudyDate"),
+            StudyTime=dv.text(study, "StudyTime"),
+            AccessionNumber=dv.text(study, "AccessionNumber"), AccessionNumberIssuer=accession_issuer(study),
+            StudyID=dv.text(study, "StudyID"), StudyDescription=dv.text(study, "StudyDescription"),
+            ReferringPhysicianName=dv.text(study, "ReferringPhysicianName"), series=tuple(series),
             source_id=self.source_id, RetrieveAETitle=retrieve_aet)
 
     async def find_studies(self, patient_id: str, issuer: str | None = None) -> list[StudyInfo]:
@@ -549,10 +538,10 @@ class DimseBackend:
         with self._association(self._FIND_CONTEXTS) as assoc:
             studies = self._find_studies(assoc, PatientID=patient_id)
             out = []
-            for st in sorted(studies, key=lambda d: (_s(d, "StudyDate"), _s(d, "StudyInstanceUID"))):
-                if _s(st, "PatientID") and _s(st, "PatientID") != patient_id:
+            for st in sorted(studies, key=lambda d: (dv.text(d, "StudyDate"), dv.text(d, "StudyInstanceUID"))):
+                if dv.text(st, "PatientID") and dv.text(st, "PatientID") != patient_id:
                     continue  # a PACS that treats the ID as a pattern
-                study_issuer = _s(st, "IssuerOfPatientID")
+                study_issuer = dv.text(st, "IssuerOfPatientID")
                 if issuer and study_issuer and study_issuer != issuer:
                     continue
                 out.append(self._tree(assoc, st))
@@ -566,7 +555,7 @@ class DimseBackend:
             return None
         with self._association(self._FIND_CONTEXTS) as assoc:
             studies = [s for s in self._find_studies(assoc, StudyInstanceUID=study_instance_uid)
-                       if _s(s, "StudyInstanceUID") == study_instance_uid]
+                       if dv.text(s, "StudyInstanceUID") == study_instance_uid]
             return self._tree(assoc, studies[0]) if studies else None
 
     # -- retrieve ------------------------------------------------------------------------------------
@@ -631,7 +620,7 @@ class DimseBackend:
                     q.SOPInstanceUID = sops[i:i + _UID_BATCH]
                     q.SOPClassUID = ""
                     for r in self._find(assoc, q, StudyRootQueryRetrieveInformationModelFind):
-                        found[_s(r, "SOPInstanceUID")] = _s(r, "SOPClassUID")
+                        found[dv.text(r, "SOPInstanceUID")] = dv.text(r, "SOPClassUID")
                 missing = [sop for sop in sops if sop not in found]
                 if missing and not session.fail(missing, f"not found on PACS {self._peer} in study {study} / "
                                                          f"series {series}", missing=True):
@@ -731,8 +720,8 @@ class DimseBackend:
         for path in files:
             try:
                 meta = read_file_meta_info(path)
-                plan.append((Path(path), _s(meta, "MediaStorageSOPInstanceUID"), _s(meta, "MediaStorageSOPClassUID"),
-                             _s(meta, "TransferSyntaxUID")))
+                plan.append((Path(path), dv.text(meta, "MediaStorageSOPInstanceUID"),
+                             dv.text(meta, "MediaStorageSOPClassUID"), dv.text(meta, "TransferSyntaxUID")))
             except Exception as exc:  # noqa: BLE001 - unreadable file: report, go on
                 result.failed[str(path)] = f"not a DICOM Part 10 file ({exc})"
         while plan:

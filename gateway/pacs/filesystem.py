@@ -38,6 +38,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import ColumnElement, Engine, and_, func, or_, select, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from gateway.dicom import values as dv
+from gateway.files import fsync_dir
 from gateway.pacs.base import (
     InstanceInfo,
     InstanceRef,
@@ -150,23 +152,8 @@ class _BadFile(Exception):
 _COLUMN_LIMITS = {c.name: getattr(c.type, "length", None) for c in T.columns}
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple):  # multi-valued: keep DICOM's backslash form
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _fit(row: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +170,7 @@ def accession_issuer(ds: Dataset) -> str | None:
     if not seq:
         return None
     item = seq[0]
-    return (_text(item, "UniversalEntityID") or _text(item, "LocalNamespaceEntityID")) or None
+    return (dv.text(item, "UniversalEntityID") or dv.text(item, "LocalNamespaceEntityID")) or None
 
 
 def _header_row(path: Path) -> dict[str, Any]:
@@ -197,35 +184,35 @@ def _header_row(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt data
         raise _BadFile(f"corrupt DICOM header ({type(exc).__name__}: {exc})") from None
     meta = getattr(ds, "file_meta", None)
-    ts = _text(meta, "TransferSyntaxUID") if meta is not None else ""
-    if meta is not None and _text(meta, "MediaStorageSOPClassUID") == "1.2.840.10008.1.3.10":
+    ts = dv.text(meta, "TransferSyntaxUID") if meta is not None else ""
+    if meta is not None and dv.text(meta, "MediaStorageSOPClassUID") == "1.2.840.10008.1.3.10":
         raise _BadFile("a DICOMDIR (media index), not an instance")
     try:
         row: dict[str, Any] = {
-            "sop_instance_uid": _text(ds, "SOPInstanceUID") or (_text(meta, "MediaStorageSOPInstanceUID")
+            "sop_instance_uid": dv.text(ds, "SOPInstanceUID") or (dv.text(meta, "MediaStorageSOPInstanceUID")
                                                                   if meta is not None else ""),
-            "sop_class_uid": _text(ds, "SOPClassUID") or (_text(meta, "MediaStorageSOPClassUID")
+            "sop_class_uid": dv.text(ds, "SOPClassUID") or (dv.text(meta, "MediaStorageSOPClassUID")
                                                            if meta is not None else ""),
-            "study_instance_uid": _text(ds, "StudyInstanceUID"),
-            "series_instance_uid": _text(ds, "SeriesInstanceUID"),
+            "study_instance_uid": dv.text(ds, "StudyInstanceUID"),
+            "series_instance_uid": dv.text(ds, "SeriesInstanceUID"),
             "transfer_syntax_uid": ts,
-            "patient_id": _text(ds, "PatientID"),
-            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID") or None,
-            "patient_name": _text(ds, "PatientName"),
-            "patient_birth_date": _text(ds, "PatientBirthDate"),
-            "patient_sex": _text(ds, "PatientSex"),
-            "study_date": _text(ds, "StudyDate"),
-            "study_time": _text(ds, "StudyTime"),
-            "accession_number": _text(ds, "AccessionNumber"),
+            "patient_id": dv.text(ds, "PatientID"),
+            "issuer_of_patient_id": dv.text(ds, "IssuerOfPatientID") or None,
+            "patient_name": dv.text(ds, "PatientName"),
+            "patient_birth_date": dv.text(ds, "PatientBirthDate"),
+            "patient_sex": dv.text(ds, "PatientSex"),
+            "study_date": dv.text(ds, "StudyDate"),
+            "study_time": dv.text(ds, "StudyTime"),
+            "accession_number": dv.text(ds, "AccessionNumber"),
             "accession_issuer": accession_issuer(ds),
-            "study_id": _text(ds, "StudyID"),
-            "study_description": _text(ds, "StudyDescription"),
-            "referring_physician_name": _text(ds, "ReferringPhysicianName"),
-            "series_number": _int(ds, "SeriesNumber"),
-            "series_description": _text(ds, "SeriesDescription"),
-            "modality": _text(ds, "Modality"),
-            "body_part_examined": _text(ds, "BodyPartExamined"),
-            "instance_number": _int(ds, "InstanceNumber"),
+            "study_id": dv.text(ds, "StudyID"),
+            "study_description": dv.text(ds, "StudyDescription"),
+            "referring_physician_name": dv.text(ds, "ReferringPhysicianName"),
+            "series_number": dv.integer(ds, "SeriesNumber"),
+            "series_description": dv.text(ds, "SeriesDescription"),
+            "modality": dv.text(ds, "Modality"),
+            "body_part_examined": dv.text(ds, "BodyPartExamined"),
+            "instance_number": dv.integer(ds, "InstanceNumber"),
         }
     except Exception as exc:  # noqa: BLE001 - value decoding (character sets, VRs) of a corrupt file
         raise _BadFile(f"cannot decode the header ({type(exc).__name__}: {exc})") from None
@@ -243,13 +230,6 @@ def _header_row(path: Path) -> dict[str, Any]:
 # The backend
 # -------------------------------------------------------------------------------------------------
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _like_prefix(value: str) -> str:
@@ -379,7 +359,7 @@ class FilesystemBackend:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return size, h.hexdigest()
 
     # -- listings for ``xig pacs ls`` (synchronous) -------------------------------------------------

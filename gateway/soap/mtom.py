@@ -42,6 +42,7 @@ from urllib.parse import quote, unquote
 from lxml import etree
 
 from gateway.errors import XIG_MALFORMED, XIG_TOO_LARGE, XIG_UNSUPPORTED_MEDIA, SoapFault, sender_fault
+from gateway.files import fsync_dir
 from gateway.soap import ns
 
 __all__ = [
@@ -421,7 +422,7 @@ class FileSink:
             self.abort()
             raise
         self._state = "closed"
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return self.final_path
 
     def abort(self) -> None:
@@ -434,14 +435,6 @@ class FileSink:
             os.unlink(self.final_path if state == "closed" else self.temp_path)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename durable; not every platform or file system lets a directory be fsynced.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class CallbackSink:
