@@ -96,6 +96,7 @@ from gateway.ihe.iti55 import (
     BIRTH_PLACE_NAME_REQUESTED,
     GENDER_REQUESTED,
     II,
+    MORE_ATTRIBUTE_CODES,
     MOTHERS_MAIDEN_NAME_REQUESTED,
     TELECOM_REQUESTED,
     Address,
@@ -625,14 +626,7 @@ def _known_attributes(query: PatientDiscoveryQuery, cand: Candidate) -> dict[str
     return known
 
 
-_CODE_ORDER = (
-    GENDER_REQUESTED,
-    ADDRESS_REQUESTED,
-    TELECOM_REQUESTED,
-    BIRTH_PLACE_NAME_REQUESTED,
-    BIRTH_PLACE_ADDRESS_REQUESTED,
-    MOTHERS_MAIDEN_NAME_REQUESTED,
-)
+_CODE_ORDER = MORE_ATTRIBUTE_CODES
 
 
 def helpful_attributes(query: PatientDiscoveryQuery, scored: Sequence[CandidateScore]) -> tuple[str, ...]:
