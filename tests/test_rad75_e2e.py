@@ -179,3 +179,17 @@ async def test_pacs_gone_mid_flight(pki: CertSet, tmp_path: Path, seeded: Synthe
             server.stop()
     finally:
         own.stop()
+
+
+async def test_repeated_document_request_answered_once_each(gateway: Any, pki: CertSet) -> None:
+    """The same instance asked twice: fetched once, two DocumentResponses (sharing one attachment)."""
+    cfg, server = gateway
+    kos = await manifest(cfg, pki, server.url)
+    r = kos.references[0]
+    item = (r.study_uid, r.series_uid, r.sop_instance_uid, SOURCE)
+    reply = await call(cfg, pki, server.url + XCAI_RETRIEVE.path, imaging_request([item, item], [EVRLE]),
+                       XCAI_RETRIEVE.request_action, use_mtom=True)
+    res = rad75.parse_response(reply.body, reply.attachments)
+    assert res.status.endswith(":Success") and not res.errors
+    assert [d.document_unique_id for d in res.documents] == [r.sop_instance_uid] * 2
+    assert len(reply.attachments) == 1

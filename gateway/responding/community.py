@@ -32,7 +32,9 @@ class Community:
         self.source_id = self.backends[0].source_id
 
     def backend_for(self, source_id: str) -> PacsBackend | None:
-        return next((b for b in self.backends if b.source_id == source_id), None)
+        """The PACS serving RepositoryUniqueId ``source_id`` (``urn:oid:`` and spaces tolerated)."""
+        wanted = source_id.strip().removeprefix("urn:oid:")
+        return next((b for b in self.backends if b.source_id == wanted), None)
 
     @property
     def source_ids(self) -> list[str]:

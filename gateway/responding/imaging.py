@@ -23,7 +23,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -52,9 +52,17 @@ class _Plan:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     #: instances to fetch, per backend: (index in requests, ref)
     fetch: dict[str, list[tuple[int, InstanceRef]]] = field(default_factory=dict)
+    #: a DocumentRequest repeated in the request → index of its first occurrence (fetched once)
+    duplicates: dict[int, int] = field(default_factory=dict)
 
     def ordered(self) -> list[Outcome]:
-        return [self.outcomes[i] for i in range(len(self.requests))]
+        out: list[Outcome] = []
+        for i in range(len(self.requests)):
+            first = self.outcomes[self.duplicates.get(i, i)]
+            doc = self.requests[i][2]
+            # a repeated request gets the same answer; two DocumentResponses may share one attachment
+            out.append(first if first.request == doc else replace(first, request=doc))
+        return out
 
 
 class ImagingService:
@@ -68,7 +76,13 @@ class ImagingService:
         plan = _Plan(list(rad75.iter_document_requests(request)))
         hcid = self.config.gateway.home_community_id
         candidates: list[tuple[int, str, str, DocumentRequest]] = []
+        first: dict[tuple[str, str], int] = {}
         for index, (study, series, doc) in enumerate(plan.requests):
+            key = (doc.repository_unique_id, doc.document_unique_id)
+            if key in first:
+                plan.duplicates[index] = first[key]
+                continue
+            first[key] = index
             ok, failed = iti39.screen_requests([doc], hcid)
             if failed:
                 plan.outcomes[index] = failed[0]
@@ -85,9 +99,11 @@ class ImagingService:
                 log.warning("RAD-75 refused: %s (%s) asked for %s, not in a manifest delivered to it in the last %sh",
                             identity.audit_user_name, identity.home_community_id, doc.document_unique_id,
                             self.config.responder.rad75_authorization_hours)
+                hours = self.config.responder.rad75_authorization_hours
                 plan.outcomes[index] = iti39.unknown_document(
-                    doc, f"instance {doc.document_unique_id} is not available to community "
-                         f"{identity.home_community_id}: retrieve the study's manifest (ITI-39) first")
+                    doc, f"instance {doc.document_unique_id} is not referenced by any manifest delivered to community "
+                         f"{identity.home_community_id} in the last {hours:g} h "
+                         "(retrieve the study's KOS with ITI-39 to be allowed its instances)")
                 continue
             plan.fetch.setdefault(doc.repository_unique_id, []).append(
                 (index, InstanceRef(study, series, doc.document_unique_id)))
@@ -137,7 +153,7 @@ class ImagingService:
         if decision.target is None:
             await _drain(item.chunks)
             failure = rad75.transfer_syntax_failure(doc, accepted, [item.TransferSyntaxUID])
-            plan.outcomes[index] = iti39.DocumentFailure(doc, failure.code, f"{failure.context}: {decision.reason}")
+            plan.outcomes[index] = iti39.repository_error(doc, f"{failure.context}. Why: {decision.reason}")
             return None
         raw = b"".join([c async for c in item.chunks])  # one instance: transcoding needs it whole
         try:  # convert_for falls back to the other accepted syntaxes when an encoder refuses this image
