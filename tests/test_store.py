@@ -86,3 +86,24 @@ def test_patient_links_upsert(tmp_path: Path) -> None:
                    remote_home_community_id="urn:oid:2.999.4")
     assert links.communities_for("P1", "2.999.1.1") == ["urn:oid:2.999.2", "urn:oid:2.999.4"]
     assert links.communities_for("P2", "2.999.1.1") == []
+
+
+def test_job_store_resumable_state(tmp_path: Path) -> None:
+    from gateway.store.jobs import JobInstance, JobStudy, SqlJobStore
+
+    store = SqlJobStore(open_database("sqlite:///j.db", tmp_path))
+    job = store.create("pull-priors", {"local_id": "L1"})
+    store.add_studies(job, [JobStudy("urn:oid:2.999.2", "1.2", "B", "R1", description="CT")])
+    store.add_studies(job, [JobStudy("urn:oid:2.999.2", "1.2", "B", "R1")])  # idempotent
+    assert [s.study_instance_uid for s in store.studies(job)] == ["1.2"]
+    insts = [JobInstance(f"1.2.1.{i}", "urn:oid:2.999.2", "1.2", "1.2.1", "2.999.2.3") for i in range(3)]
+    assert store.add_instances(job, insts) == 3
+    store.mark(job, "1.2.1.0", "stored", size=10)
+    assert store.add_instances(job, insts) == 0  # a resumed discovery keeps known states
+    assert [i.sop_instance_uid for i in store.instances(job, "pending")] == ["1.2.1.1", "1.2.1.2"]
+    assert store.counts(job) == {"stored": 1, "pending": 2}
+    store.set_state(job, "interrupted", {"stored": 1})
+    again = SqlJobStore(open_database("sqlite:///j.db", tmp_path))  # a new process
+    record = again.find(job[:8])
+    assert record is not None and record.state == "interrupted" and record.params == {"local_id": "L1"}
+    assert [j.id for j in again.recent()] == [job]

@@ -34,8 +34,13 @@ def _initial(conn: Connection) -> None:
                                              tables.kos_instances, tables.kos_deliveries, tables.document_entries])
 
 
+def _jobs(conn: Connection) -> None:
+    tables.metadata.create_all(conn, tables=[tables.jobs, tables.job_studies, tables.job_instances])
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "filesystem PACS index, patient links, KOS ledger, on-demand entries", _initial),
+    Migration(2, "durable import jobs", _jobs),
 ]
 
 

@@ -118,6 +118,55 @@ document_entries = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+#: Durable import jobs (``xig pull-priors``; resumed with ``xig jobs resume``).
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    #: created | running | completed | failed | interrupted
+    Column("state", String(16), nullable=False),
+    Column("params", Text, nullable=False),  # JSON
+    Column("summary", Text, nullable=False, default="{}"),  # JSON
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+#: The studies a job found, per community, and whether they were selected for import.
+job_studies = Table(
+    "job_studies", metadata,
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("home_community_id", String(UID + 8), primary_key=True),
+    Column("study_instance_uid", String(UID), primary_key=True),
+    Column("partner", String(200), nullable=False),
+    Column("remote_patient_id", String(200), nullable=False),
+    Column("kos_uid", String(UID), nullable=False, default=""),
+    Column("description", String(200), nullable=False, default=""),
+    Column("study_date", String(8), nullable=False, default=""),
+    Column("modalities", String(64), nullable=False, default=""),
+    Column("instances", Integer, nullable=False, default=0),
+    Column("selected", Integer, nullable=False, default=1),
+    #: pending | importing | imported | failed
+    Column("state", String(16), nullable=False, default="pending"),
+    Column("error", Text, nullable=False, default=""),
+)
+
+#: Every instance of every selected study: the unit of resumption (stored ones are never fetched again).
+job_instances = Table(
+    "job_instances", metadata,
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("sop_instance_uid", String(UID), primary_key=True),
+    Column("home_community_id", String(UID + 8), nullable=False),
+    Column("study_instance_uid", String(UID), nullable=False),
+    Column("series_instance_uid", String(UID), nullable=False),
+    Column("repository_unique_id", String(UID), nullable=False),
+    #: pending | stored | failed
+    Column("state", String(16), nullable=False, default="pending"),
+    Column("error", Text, nullable=False, default=""),
+    Column("bytes", BigInteger, nullable=False, default=0),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_job_instances_state", job_instances.c.job_id, job_instances.c.state)
+
 #: Applied schema migrations (see :mod:`gateway.store.db`).
 schema_migrations = Table(
     "schema_migrations", metadata,
