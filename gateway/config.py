@@ -220,6 +220,21 @@ class ResponderSection(_Paths):
     language_code: str = "en-US"
 
 
+class ImportSection(_Paths):
+    """How the import station reconciles and stores pulled studies (``xig pull-priors``)."""
+
+    #: Accession Number of imported studies: keep the partner's, prefix it, clear it
+    accession: Literal["keep", "prefix", "clear"] = "prefix"
+    accession_prefix: str = "EXT-"
+    #: append an "outside study" marker to Study Description
+    outside_marker: bool = True
+    outside_marker_text: str = "[OUTSIDE]"
+    #: RAD-75 TransferSyntaxUIDList we ask for (the local PACS must accept them)
+    transfer_syntaxes: list[str] = Field(default_factory=lambda: ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    #: where instances wait between download and storage (default: var/spool beside the config)
+    spool_dir: Path | None = None
+
+
 class DatabaseSection(_Section):
     url: str = "sqlite:///var/xig.db"
 
@@ -258,6 +273,7 @@ class Config(_Section):
     pacs: list[PacsSection] = Field(default_factory=list)
     database: DatabaseSection = DatabaseSection()
     responder: ResponderSection = ResponderSection()
+    import_: ImportSection = Field(default=ImportSection(), alias="import")
     partners: list[PartnerSection] = Field(default_factory=list)
     #: directory of the config file (relative paths and sqlite URLs are resolved against it)
     base_dir: Path = Path(".")

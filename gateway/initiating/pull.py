@@ -1,0 +1,242 @@
+"""The pull-priors job: discover → query → retrieve manifests → import images, durably.
+
+1. **discover**: XCPD to every (or the selected) partner concurrently; matches grouped by community;
+   each correlation (local id ↔ remote id per community) is stored.
+2. **query**: ITI-38 FindDocuments for imaging manifests in every matched community; ITI-39 for the
+   KOS of each study; the studies found are recorded in the job (date, modality, description, count).
+3. **select**: all (``--yes``) or the ones the user picks.
+4. **import**: every instance of the selected studies is registered in the job; pending ones are
+   fetched with RAD-75 in batches, each streamed to a spool file, verified (it must be the requested
+   SOP instance of the correlated patient and study), reconciled to the local patient
+   (:mod:`gateway.dicom.reconcile`), stored in the local PACS and marked ``stored`` — so a killed job
+   resumes (:func:`resume`) without downloading stored instances again and without duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from pydicom import dcmread
+
+from gateway.config import Config
+from gateway.dicom.reconcile import Expected, LocalPatient, ReconcileError, ReconcilePolicy, reconcile_file
+from gateway.ihe import ebrim
+from gateway.ihe.iti55 import PatientDemographics, PersonName
+from gateway.initiating.client import ImageRequest, PartnerClient, open_soap_client
+from gateway.initiating.fanout import discover_all, find_all
+from gateway.initiating.partners import PartnerDirectory
+from gateway.pacs.base import PacsBackend
+from gateway.soap import mtom
+from gateway.store.jobs import JobInstance, JobStudy, SqlJobStore
+from gateway.store.ledger import SqlPatientLinks
+
+log = logging.getLogger("xig.pull")
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def _quiet(event: str, data: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    family: str
+    given: str
+    birth_date: str
+    gender: str
+    local_id: str
+    partners: tuple[str, ...] = ()
+
+    def demographics(self) -> PatientDemographics:
+        return PatientDemographics(names=(PersonName(family=(self.family,), given=(self.given,)),),
+                                   gender=self.gender, birth_time=self.birth_date)
+
+    def local_patient(self, config: Config) -> LocalPatient:
+        return LocalPatient(self.local_id, config.gateway.assigning_authority,
+                            f"{self.family}^{self.given}", self.birth_date, self.gender)
+
+
+@dataclass
+class PullResult:
+    job_id: str
+    studies: list[JobStudy] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        selected = [s for s in self.studies if s.selected]
+        return bool(selected) and all(s.state == "imported" for s in selected)
+
+
+class PullPriors:
+    def __init__(self, config: Config, store: SqlJobStore, links: SqlPatientLinks, local_pacs: PacsBackend,
+                 directory: PartnerDirectory | None = None, progress: Progress = _quiet) -> None:
+        self.config = config
+        self.store = store
+        self.links = links
+        self.pacs = local_pacs
+        self.directory = directory or PartnerDirectory.from_config(config)
+        self.progress = progress
+
+    # -- discover & query ------------------------------------------------------------------------------
+    async def discover(self, request: PullRequest) -> PullResult:
+        job = self.store.create("pull-priors", request.__dict__ | {"partners": list(request.partners)})
+        result = PullResult(job)
+        self.store.set_state(job, "running")
+        async with open_soap_client(self.config) as soap:
+            fan = await discover_all(self.config, self.directory, request.demographics(),
+                                     partners=request.partners or None, local_patient_id=request.local_id,
+                                     soap_client=soap)
+            for name, err in fan.errors.items():
+                result.errors.append(str(err))
+            for name, outcome in fan.outcomes.items():
+                self.progress("discovered", {"partner": name, "status": outcome.status})
+            for c in fan.communities.values():
+                for pid in c.patient_ids:
+                    self.links.remember(local_patient_id=request.local_id,
+                                        local_assigning_authority=self.config.gateway.assigning_authority,
+                                        remote_home_community_id=c.home_community_id, remote_patient_id=pid.id,
+                                        remote_assigning_authority=pid.assigning_authority)
+            docs = await find_all(self.config, fan, soap_client=soap)
+            result.errors += [str(e) for e in docs.errors]
+            for found, entry in docs.entries():
+                partner = found.partner
+                if partner is None:
+                    continue
+                client = PartnerClient(self.config, partner, soap)
+                for m in await client.retrieve_manifests([entry]):
+                    if m.kos is None:
+                        result.errors.append(f"{partner.name}: manifest {entry.unique_id}: "
+                                             f"{m.error.context if m.error else m.problem}")
+                        continue
+                    refs = m.image_requests()
+                    study = JobStudy(
+                        home_community_id=found.home_community_id, study_instance_uid=m.kos.study_instance_uid,
+                        partner=partner.name, remote_patient_id=str(found.patient_id),
+                        kos_uid=m.new_document_unique_id or entry.unique_id,
+                        description=m.kos.study_description, study_date=m.kos.study_date,
+                        modalities="/".join(sorted({c.code for c in entry.event_codes
+                                                    if c.scheme == "1.2.840.10008.2.16.4"})),
+                        instances=len(refs))
+                    self.store.add_studies(job, [study])
+                    self.store.add_instances(job, [JobInstance(r.sop_instance_uid, found.home_community_id,
+                                                               r.study_instance_uid, r.series_instance_uid,
+                                                               r.repository_unique_id) for r in refs])
+                    self.progress("study", {"community": found.home_community_id, "study": study.study_instance_uid,
+                                            "description": study.description, "instances": study.instances})
+        result.studies = self.store.studies(job)
+        self.store.set_state(job, "discovered", {"studies": len(result.studies), "errors": result.errors})
+        return result
+
+    def select(self, job_id: str, chosen: Sequence[tuple[str, str]] | None) -> None:
+        """Keep only ``chosen`` (community, study uid) pairs selected (None: all)."""
+        if chosen is None:
+            return
+        wanted = set(chosen)
+        for s in self.store.studies(job_id):
+            self.store.set_study(job_id, s.home_community_id, s.study_instance_uid,
+                                 selected=(s.home_community_id, s.study_instance_uid) in wanted)
+
+    # -- import ---------------------------------------------------------------------------------------
+    def _policy(self, source: str) -> ReconcilePolicy:
+        imp = self.config.import_
+        return ReconcilePolicy(accession=imp.accession, accession_prefix=imp.accession_prefix,
+                               outside_marker=imp.outside_marker, outside_marker_text=imp.outside_marker_text,
+                               source_of_previous_values=source)
+
+    def _spool(self, job_id: str) -> Path:
+        base = self.config.import_.spool_dir or (self.config.base_dir / "var" / "spool")
+        path = base / job_id
+        shutil.rmtree(path, ignore_errors=True)  # leftovers of a killed run: never stored, fetched again
+        path.mkdir(parents=True)
+        return path
+
+    async def run(self, job_id: str) -> PullResult:
+        """Import every pending instance of the selected studies (also what ``resume`` runs)."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise KeyError(job_id)
+        request = PullRequest(**{k: v for k, v in record.params.items() if k != "partners"},
+                              partners=tuple(record.params.get("partners", ())))
+        local = request.local_patient(self.config)
+        self.store.set_state(job_id, "running")
+        spool = self._spool(job_id)
+        result = PullResult(job_id)
+        studies = {(s.home_community_id, s.study_instance_uid): s for s in self.store.studies(job_id) if s.selected}
+        try:
+            async with open_soap_client(self.config) as soap:
+                for key, study in studies.items():
+                    await self._import_study(job_id, study, local, spool, soap, result)
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+        result.studies = self.store.studies(job_id)
+        result.counts = self.store.counts(job_id)
+        state = "completed" if result.complete else "failed"
+        self.store.set_state(job_id, state, {"counts": result.counts, "errors": result.errors})
+        return result
+
+    async def _import_study(self, job_id: str, study: JobStudy, local: LocalPatient, spool: Path, soap: Any,
+                            result: PullResult) -> None:
+        partner = self.directory.resolve(study.home_community_id)
+        pending = [i for i in self.store.instances(job_id, "pending")
+                   if i.study_instance_uid == study.study_instance_uid
+                   and i.home_community_id == study.home_community_id]
+        if partner is None:
+            result.errors.append(f"community {study.home_community_id} is not in the partner directory")
+            self.store.set_study(job_id, study.home_community_id, study.study_instance_uid, state="failed",
+                                 error="unknown community")
+            return
+        self.store.set_study(job_id, study.home_community_id, study.study_instance_uid, state="importing")
+        cx = ebrim.parse_cx(study.remote_patient_id)
+        expected = Expected(cx.id, [study.study_instance_uid], cx.assigning_authority or None)
+        policy = self._policy(study.home_community_id)
+        client = PartnerClient(self.config, partner, soap)
+        size = partner.max_documents_per_request
+        for start in range(0, len(pending), size):
+            batch = pending[start:start + size]
+            items = [ImageRequest(i.home_community_id, i.repository_unique_id, i.study_instance_uid,
+                                  i.series_instance_uid, i.sop_instance_uid) for i in batch]
+            outcome = await client.retrieve_images(items, sink_factory=lambda _: mtom.FileSink(spool),
+                                                   transfer_syntaxes=self.config.import_.transfer_syntaxes)
+            for inst in batch:
+                r = outcome.results.get(inst.sop_instance_uid)
+                if r is None or not r.ok:
+                    reason = f"{r.error_code}: {r.error_context}" if r else "not answered"
+                    self.store.mark(job_id, inst.sop_instance_uid, "failed", error=reason)
+                    result.errors.append(f"{inst.sop_instance_uid}: {reason}")
+                    self.progress("failed", {"sop": inst.sop_instance_uid, "reason": reason})
+                    continue
+                await self._store_one(job_id, inst, Path(r.delivered), local, expected, policy, result)
+        counts = {i.state for i in self.store.instances(job_id)
+                  if i.study_instance_uid == study.study_instance_uid}
+        done = counts == {"stored"}
+        self.store.set_study(job_id, study.home_community_id, study.study_instance_uid,
+                             state="imported" if done else "failed")
+
+    async def _store_one(self, job_id: str, inst: JobInstance, path: Path, local: LocalPatient,
+                         expected: Expected, policy: ReconcilePolicy, result: PullResult) -> None:
+        try:
+            sop = await anyio.to_thread.run_sync(lambda: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+            if sop != inst.sop_instance_uid:
+                raise ReconcileError(f"asked for instance {inst.sop_instance_uid}, received {sop}: refused")
+            await anyio.to_thread.run_sync(lambda: reconcile_file(path, path, local, expected, policy))
+            stored = await self.pacs.store([path])
+            if inst.sop_instance_uid not in stored.stored:
+                raise ReconcileError(stored.failed.get(inst.sop_instance_uid, "the local PACS refused it"))
+        except (ReconcileError, OSError) as exc:
+            self.store.mark(job_id, inst.sop_instance_uid, "failed", error=str(exc))
+            result.errors.append(f"{inst.sop_instance_uid}: {exc}")
+            self.progress("failed", {"sop": inst.sop_instance_uid, "reason": str(exc)})
+            return
+        finally:
+            path.unlink(missing_ok=True)
+        self.store.mark(job_id, inst.sop_instance_uid, "stored", size=0)
+        self.progress("stored", {"sop": inst.sop_instance_uid, "study": inst.study_instance_uid})

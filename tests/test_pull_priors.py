@@ -1,0 +1,125 @@
+"""The import station end to end: two real responding communities, one importing community.
+
+Discover (XCPD fan-out) → ITI-38 → ITI-39 → RAD-75 → reconcile → store in the local (embedded) PACS,
+all over mutual TLS with signed assertions; an interrupted job resumes without re-downloading or
+duplicating anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pydicom
+import pytest
+
+from gateway.config import Config, load_config
+from gateway.dicom.synth import SyntheticStudy, make_study
+from gateway.initiating.pull import PullPriors, PullRequest
+from gateway.pacs.factory import open_backends
+from gateway.security.certs import CertSet
+from gateway.store.db import open_database
+from gateway.store.jobs import SqlJobStore
+from gateway.store.ledger import SqlPatientLinks
+from gateway.web.server import BackgroundServer
+from tests.conftest import write_config
+
+PATIENT = {"patient_name": "Rivera^Ana", "birth_date": "19750612", "sex": "F"}
+
+
+def community(tmp_path: Path, pki: CertSet, name: str, hcid: str, extra: str = "") -> Config:
+    oid = hcid.removeprefix("urn:oid:")
+    return load_config(write_config(tmp_path / name, pki, ids={
+        "home_community_id": hcid, "assigning_authority": f"{oid}.1", "repository_unique_id": f"{oid}.2",
+        "imaging_source_id": f"{oid}.3"}, extra='[database]\nurl = "sqlite:///xig.db"\n' + extra))
+
+
+@pytest.fixture
+def world(tmp_path: Path, pki: CertSet) -> Any:
+    servers: list[BackgroundServer] = []
+    studies: dict[str, list[SyntheticStudy]] = {}
+    partners = ""
+    for name, hcid, specs in (("b", "urn:oid:1.3.6.1.4.1.21367.13.70.202",
+                               [("CT", 5, "CHEST", "CT chest", "20240110"), ("MR", 3, "KNEE", "MR knee", "20220505")]),
+                              ("c", "urn:oid:1.3.6.1.4.1.21367.13.70.203", [("US", 2, "ABDOMEN", "US abd", "20230101")])):
+        cfg = community(tmp_path, pki, name, hcid)
+        server = BackgroundServer(cfg).start()
+        servers.append(server)
+        made = [make_study(tmp_path / "seed" / f"{name}{i}", patient_id=f"{name.upper()}-77", **PATIENT,
+                           accession=f"{name}{i}", study_description=desc, study_date=date,
+                           series=((mod, n, part),), seed=f"{name}{i}")
+                for i, (mod, n, part, desc, date) in enumerate(specs)]
+        assert server.services.community.backends[0].index_directory(tmp_path / "seed").ok
+        for study in made:  # the store holds its own copies
+            for f in study.paths:
+                f.unlink()
+        studies[hcid] = made
+        partners += f"""
+[[partners]]
+name = "Community {name.upper()}"
+home_community_id = "{hcid}"
+xcpd_url = "{server.url}/ihe/xcpd"
+xca_query_url = "{server.url}/ihe/xca/query"
+xca_retrieve_url = "{server.url}/ihe/xca/retrieve"
+xcai_retrieve_url = "{server.url}/ihe/xcai/retrieve"
+max_documents_per_request = 2
+"""
+    a = community(tmp_path, pki, "a", "urn:oid:1.3.6.1.4.1.21367.13.70.201", partners)
+    engine = open_database(a.database.url, a.base_dir)
+    local = open_backends(a, engine)[0]
+    yield a, engine, local, studies
+    for s in servers:
+        s.stop()
+
+
+REQUEST = PullRequest(family="RIVERA", given="Ana", birth_date="19750612", gender="F", local_id="LOCAL-5")
+
+
+async def test_pull_priors_from_two_communities(world: Any) -> None:
+    a, engine, local, studies = world
+    events: list[tuple[str, dict[str, Any]]] = []
+    job = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=lambda e, d: events.append((e, d)))
+    found = await job.discover(REQUEST)
+    assert found.errors == []
+    assert sorted((s.description, s.instances) for s in found.studies) == [("CT chest", 5), ("MR knee", 3),
+                                                                          ("US abd", 2)]
+    # correlations stored: local id ↔ remote id per community
+    assert len(SqlPatientLinks(engine).communities_for("LOCAL-5", a.gateway.assigning_authority)) == 2
+    result = await job.run(found.job_id)
+    assert result.complete and result.counts == {"stored": 10}
+    # in the local PACS: reconciled to the local patient, originals kept, outside marker
+    patients = local.list_patients()
+    assert [(p.patient.PatientID, p.studies, p.instances) for p in patients] == [("LOCAL-5", 3, 10)]
+    path = next((a.base_dir / "pacs").rglob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    assert ds.PatientID == "LOCAL-5" and ds.IssuerOfPatientID == a.gateway.assigning_authority
+    assert "[OUTSIDE]" in ds.StudyDescription and ds.AccessionNumber.startswith("EXT-")
+    original = ds.OriginalAttributesSequence[0].ModifiedAttributesSequence[0]
+    assert original.PatientID in ("B-77", "C-77")
+
+
+async def test_interrupted_job_resumes_without_duplicates(world: Any) -> None:
+    a, engine, local, _ = world
+    stored_first: list[str] = []
+
+    with anyio.CancelScope() as scope:
+        def progress(event: str, data: dict[str, Any]) -> None:
+            if event == "stored":
+                stored_first.append(data["sop"])
+                if len(stored_first) == 3:
+                    scope.cancel()  # the process dies here, mid-study
+        job = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=progress)
+        found = await job.discover(REQUEST)
+        await job.run(found.job_id)
+    assert len(stored_first) == 3
+    counts = SqlJobStore(engine).counts(found.job_id)
+    assert counts["stored"] == 3 and counts["pending"] == 7
+
+    stored_again: list[str] = []
+    resumed = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local,
+                         progress=lambda e, d: stored_again.append(d["sop"]) if e == "stored" else None)
+    result = await resumed.run(found.job_id)
+    assert result.complete and result.counts == {"stored": 10}
+    assert not set(stored_again) & set(stored_first) and len(stored_again) == 7  # nothing fetched twice
+    assert [(p.patient.PatientID, p.instances) for p in local.list_patients()] == [("LOCAL-5", 10)]
