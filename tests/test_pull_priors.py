@@ -40,9 +40,10 @@ def world(tmp_path: Path, pki: CertSet) -> Any:
     servers: list[BackgroundServer] = []
     studies: dict[str, list[SyntheticStudy]] = {}
     partners = ""
-    for name, hcid, specs in (("b", "urn:oid:1.3.6.1.4.1.21367.13.70.202",
-                               [("CT", 5, "CHEST", "CT chest", "20240110"), ("MR", 3, "KNEE", "MR knee", "20220505")]),
-                              ("c", "urn:oid:1.3.6.1.4.1.21367.13.70.203", [("US", 2, "ABDOMEN", "US abd", "20230101")])):
+    b_studies = [("CT", 5, "CHEST", "CT chest", "20240110"), ("MR", 3, "KNEE", "MR knee", "20220505")]
+    c_studies = [("US", 2, "ABDOMEN", "US abd", "20230101")]
+    for name, hcid, specs in (("b", "urn:oid:1.3.6.1.4.1.21367.13.70.202", b_studies),
+                              ("c", "urn:oid:1.3.6.1.4.1.21367.13.70.203", c_studies)):
         cfg = community(tmp_path, pki, name, hcid)
         server = BackgroundServer(cfg).start()
         servers.append(server)
@@ -79,7 +80,8 @@ REQUEST = PullRequest(family="RIVERA", given="Ana", birth_date="19750612", gende
 async def test_pull_priors_from_two_communities(world: Any) -> None:
     a, engine, local, studies = world
     events: list[tuple[str, dict[str, Any]]] = []
-    job = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=lambda e, d: events.append((e, d)))
+    job = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local,
+                     progress=lambda e, d: events.append((e, d)))
     found = await job.discover(REQUEST)
     assert found.errors == []
     assert sorted((s.description, s.instances) for s in found.studies) == [("CT chest", 5), ("MR knee", 3),

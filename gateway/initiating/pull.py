@@ -95,8 +95,7 @@ class PullPriors:
             fan = await discover_all(self.config, self.directory, request.demographics(),
                                      partners=request.partners or None, local_patient_id=request.local_id,
                                      soap_client=soap)
-            for name, err in fan.errors.items():
-                result.errors.append(str(err))
+            result.errors += [str(err) for err in fan.errors.values()]
             for name, outcome in fan.outcomes.items():
                 self.progress("discovered", {"partner": name, "status": outcome.status})
             for c in fan.communities.values():
@@ -173,7 +172,7 @@ class PullPriors:
         studies = {(s.home_community_id, s.study_instance_uid): s for s in self.store.studies(job_id) if s.selected}
         try:
             async with open_soap_client(self.config) as soap:
-                for key, study in studies.items():
+                for study in studies.values():
                     await self._import_study(job_id, study, local, spool, soap, result)
         finally:
             shutil.rmtree(spool, ignore_errors=True)
