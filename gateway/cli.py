@@ -165,6 +165,15 @@ def demo(
     raise typer.Exit(code)
 
 
+def _register_import_commands() -> None:
+    from gateway.cli_import import register
+
+    register(app, _load)
+
+
+_register_import_commands()
+
+
 def main() -> None:
     app()
 

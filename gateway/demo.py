@@ -1,10 +1,10 @@
-"""``xig demo``: a responding gateway on the embedded default, and a self-check that calls it.
+"""``xig demo``: two communities on loopback, everything embedded, no external server.
 
-Until the initiating side exists, the demo starts one community's responding gateway (embedded
-filesystem store seeded with two synthetic prior studies, test certificates from ``certs-example/``)
-and plays a partner against it over real mutual TLS with signed assertions: XCPD finds the patient,
-ITI-38 lists the KOS entries, ITI-39 returns a manifest generated on demand; an unsigned request and
-a caller without a client certificate are refused with a clear reason.
+Community B runs a responding gateway on the embedded filesystem store seeded with two synthetic
+prior studies (test certificates from ``certs-example/``). A partner self-check shows it at work
+over real mutual TLS with signed assertions (XCPD, ITI-38, ITI-39; an unsigned request and a caller
+without a client certificate refused). Then community A's import station runs the pull-priors job:
+discover → query → manifests → RAD-75 → reconcile → store in A's own embedded PACS.
 """
 
 from __future__ import annotations
@@ -189,15 +189,96 @@ def how_to_call(cfg: Config, url: str) -> str:
             f"/ihe/xca/retrieve, /ihe/xcai/retrieve")
 
 
+IMPORT_STATION = """\
+# written by `xig demo` — community A's import station, pulling priors from community B
+[gateway]
+home_community_id = "urn:oid:2.999.10"
+assigning_authority = "2.999.10.1"
+repository_unique_id = "2.999.10.2"
+imaging_source_id = "2.999.10.3"
+name = "XIG Demo Import Station"
+
+[server]
+listen = "127.0.0.1:0"
+certificate = "{certs}/partner.crt"
+private_key = "{certs}/partner.key"
+client_ca = "{certs}/ca.crt"
+
+[saml]
+trusted_issuers = "{certs}/ca.crt"
+signing_certificate = "{certs}/partner.crt"
+signing_key = "{certs}/partner.key"
+organization = "XIG Demo Hospital A"
+subject_id = "Demo Import Station"
+
+[pacs]
+kind = "filesystem"
+path = "pacs"
+
+[database]
+url = "sqlite:///xig.db"
+
+[[partners]]
+name = "Community B"
+home_community_id = "{hcid}"
+xcpd_url = "{url}/ihe/xcpd"
+xca_query_url = "{url}/ihe/xca/query"
+xca_retrieve_url = "{url}/ihe/xca/retrieve"
+xcai_retrieve_url = "{url}/ihe/xcai/retrieve"
+"""
+
+
+async def pull_from(responder: Config, url: str, workdir: Path, console: Console) -> bool:
+    """Community A's import station: pull-priors for the demo patient, everything, then a summary."""
+    from rich.table import Table
+
+    from gateway.initiating.pull import PullPriors, PullRequest
+    from gateway.pacs.factory import open_backends
+    from gateway.store.db import open_database
+    from gateway.store.jobs import SqlJobStore
+    from gateway.store.ledger import SqlPatientLinks
+
+    station = workdir / "import-station"
+    station.mkdir(parents=True, exist_ok=True)
+    (station / "xig.toml").write_text(IMPORT_STATION.format(certs=responder.saml.trusted_issuers.parent,
+                                                            hcid=responder.gateway.home_community_id, url=url))
+    cfg = load_config(station / "xig.toml")
+    engine = open_database(cfg.database.url, cfg.base_dir)
+    local = open_backends(cfg, engine)[0]
+    try:
+        service = PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local)
+        request = PullRequest("DOE", "Dana", "19700405", "F", local_id="A-555")
+        found = await service.discover(request)
+        table = Table("Community", "Date", "Modality", "Description", "Instances", title="prior studies found")
+        for s in found.studies:
+            table.add_row(s.partner, s.study_date, s.modalities, s.description, str(s.instances))
+        console.print(table)
+        result = await service.run(found.job_id)
+        stored = result.counts.get("stored", 0)
+        from gateway.pacs.base import PatientQuery
+
+        patients = await local.find_patients(PatientQuery(patient_ids=("A-555",)))
+        ok = result.complete and [p.PatientID for p in patients] == ["A-555"]
+        _ok(console, ok, f"imported {stored} instances of {len(result.studies)} studies into community A's PACS as "
+                         f"patient A-555 (reconciled; originals kept in Original Attributes Sequence); "
+                         f"job {found.job_id[:8]}")
+        return ok
+    finally:
+        await local.aclose()
+        engine.dispose()
+
+
 async def run_demo(workdir: Path, port: int, serve_after: bool, console: Console) -> int:
     cfg = prepare(workdir, port)
-    console.rule("XIG demo — responding gateway on the embedded default")
+    console.rule("XIG demo — community B's responding gateway")
     server = BackgroundServer(cfg).start()
     try:
         seed(server, workdir)
         console.print(f"gateway for community {cfg.gateway.home_community_id} listening on {server.url} "
                       f"(config {workdir / 'xig.toml'})")
         ok = await self_check(cfg, server.url, console)
+        console.rule("community A's import station pulls the priors of DOE^Dana from community B")
+        ok &= await pull_from(cfg, server.url, workdir, console)
         console.print(how_to_call(cfg, server.url), soft_wrap=True)
         if serve_after and ok:
             console.print("serving — press Ctrl-C to stop")

@@ -91,6 +91,7 @@ class PullPriors:
         job = self.store.create("pull-priors", request.__dict__ | {"partners": list(request.partners)})
         result = PullResult(job)
         self.store.set_state(job, "running")
+        self.progress("job", {"id": job})
         async with open_soap_client(self.config) as soap:
             fan = await discover_all(self.config, self.directory, request.demographics(),
                                      partners=request.partners or None, local_patient_id=request.local_id,

@@ -1,0 +1,181 @@
+"""``xig pull-priors`` and ``xig jobs``: the import station's commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from gateway.config import Config
+from gateway.initiating.pull import PullPriors, PullRequest, PullResult
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Durable import jobs: list, show, resume.")
+console = Console()
+err = Console(stderr=True)
+
+
+@contextmanager
+def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progress | None]]:
+    from gateway.pacs.factory import open_backends
+    from gateway.store.db import open_database
+    from gateway.store.jobs import SqlJobStore
+    from gateway.store.ledger import SqlPatientLinks
+
+    engine = open_database(cfg.database.url, cfg.base_dir)
+    if not cfg.pacs:
+        err.print("[red]this configuration has no [pacs] to import into[/]")
+        raise typer.Exit(2)
+    local = open_backends(cfg, engine)[0]
+    progress = None if as_json else Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                             console=console, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def report(event: str, data: dict[str, Any]) -> None:
+        if as_json:
+            print(json.dumps({"event": event, **data}), file=sys.stderr, flush=True)
+            return
+        assert progress is not None
+        if event == "study":
+            tasks[data["study"]] = progress.add_task(
+                f"{data['community']} {data['description'] or data['study']}", total=data["instances"])
+        elif event in ("stored", "failed") and data.get("study") in tasks:
+            progress.advance(tasks[data["study"]])
+        elif event == "discovered":
+            console.print(f"  {data['partner']}: {data['status']}")
+
+    try:
+        yield PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=report), progress
+    finally:
+        anyio.run(local.aclose)
+        engine.dispose()
+
+
+def _table(result: PullResult) -> Table:
+    t = Table("#", "Community", "Date", "Modality", "Description", "Instances", "Selected", "State")
+    for i, s in enumerate(result.studies, 1):
+        t.add_row(str(i), s.partner, s.study_date, s.modalities, s.description, str(s.instances),
+                  "yes" if s.selected else "no", s.state)
+    return t
+
+
+def _as_json(result: PullResult) -> str:
+    return json.dumps({"job": result.job_id, "complete": result.complete, "counts": result.counts,
+                       "errors": result.errors,
+                       "studies": [s.__dict__ for s in result.studies]}, indent=2)
+
+
+def pull_priors(cfg: Config, request: PullRequest, *, yes: bool, as_json: bool) -> int:
+    with _service(cfg, as_json=as_json) as (service, progress):
+        if not as_json:
+            console.print(f"discovering {request.family}^{request.given} {request.birth_date} {request.gender} "
+                          f"at {len(request.partners) or len(cfg.partners)} partner(s)…")
+        found = anyio.run(service.discover, request)
+        if not as_json:
+            console.print(_table(found))
+            for e in found.errors:
+                err.print(f"[yellow]warning[/] {e}")
+        if not found.studies:
+            if as_json:
+                print(_as_json(found))
+            else:
+                console.print("no prior studies found")
+            return 1
+        if not yes:
+            answer = typer.prompt("import which studies? (all, none, or numbers like 1,3)", default="all")
+            if answer.strip().lower() == "none":
+                return 1
+            if answer.strip().lower() != "all":
+                picked = {int(x) for x in answer.replace(" ", "").split(",") if x}
+                service.select(found.job_id, [(s.home_community_id, s.study_instance_uid)
+                                              for i, s in enumerate(found.studies, 1) if i in picked])
+        return _run(service, progress, found.job_id, as_json=as_json)
+
+
+def _run(service: PullPriors, progress: Progress | None, job_id: str, *, as_json: bool) -> int:
+    if progress is not None:
+        with progress:
+            result = anyio.run(service.run, job_id)
+    else:
+        result = anyio.run(service.run, job_id)
+    if as_json:
+        print(_as_json(result))
+    else:
+        console.print(_table(result))
+        for e in result.errors:
+            err.print(f"[red]error[/] {e}")
+        console.print(f"job {job_id}: {result.counts.get('stored', 0)} instances stored, "
+                      f"{result.counts.get('failed', 0)} failed — {'complete' if result.complete else 'INCOMPLETE'}")
+    return 0 if result.complete else 1
+
+
+def register(app: typer.Typer, load: Any) -> None:
+    """Add ``pull-priors`` and ``jobs`` to the main ``xig`` app (``load`` reads and checks a config)."""
+
+    @app.command("pull-priors")
+    def pull_priors_cmd(
+        config: Annotated[Path, typer.Option("--config", "-c", help="XIG configuration file (TOML).")],
+        family: Annotated[str, typer.Option(help="family name")],
+        given: Annotated[str, typer.Option(help="given name")],
+        birth_date: Annotated[str, typer.Option("--birth-date", help="YYYYMMDD")],
+        gender: Annotated[str, typer.Option(help="F, M, O or U")],
+        local_id: Annotated[str, typer.Option("--local-id", help="the patient's id in our assigning authority")],
+        partner: Annotated[list[str] | None, typer.Option("--partner", help="partner name (repeatable)")] = None,
+        yes: Annotated[bool, typer.Option("--yes", help="import everything found without asking")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    ) -> None:
+        """Discover a patient at partner communities and import their prior studies into the local PACS."""
+        request = PullRequest(family, given, birth_date, gender.upper(), local_id, tuple(partner or ()))
+        raise typer.Exit(pull_priors(load(config), request, yes=yes, as_json=as_json))
+
+    @jobs_app.command("ls")
+    def jobs_ls(config: Annotated[Path, typer.Option("--config", "-c")]) -> None:
+        """Recent jobs."""
+        from gateway.store.db import open_database
+        from gateway.store.jobs import SqlJobStore
+
+        cfg = load(config)
+        store = SqlJobStore(open_database(cfg.database.url, cfg.base_dir))
+        t = Table("Job", "Kind", "State", "Patient", "Stored", "Pending", "Failed", "Updated")
+        for j in store.recent():
+            c = store.counts(j.id)
+            t.add_row(j.id[:8], j.kind, j.state, f"{j.params.get('local_id', '')}", str(c.get("stored", 0)),
+                      str(c.get("pending", 0)), str(c.get("failed", 0)), j.updated_at.isoformat(timespec="seconds"))
+        console.print(t)
+
+    @jobs_app.command("show")
+    def jobs_show(job: str, config: Annotated[Path, typer.Option("--config", "-c")]) -> None:
+        """One job: its studies and instance counts."""
+        from gateway.store.db import open_database
+        from gateway.store.jobs import SqlJobStore
+
+        cfg = load(config)
+        store = SqlJobStore(open_database(cfg.database.url, cfg.base_dir))
+        record = store.find(job)
+        if record is None:
+            err.print(f"[red]no job {job!r}[/]")
+            raise typer.Exit(2)
+        console.print(f"job {record.id} ({record.kind}) — {record.state}; counts {store.counts(record.id)}")
+        console.print(_table(PullResult(record.id, store.studies(record.id))))
+
+    @jobs_app.command("resume")
+    def jobs_resume(job: str, config: Annotated[Path, typer.Option("--config", "-c")],
+                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """Finish an interrupted job: only instances not yet stored are fetched."""
+        cfg = load(config)
+        with _service(cfg, as_json=as_json) as (service, progress):
+            record = service.store.find(job)
+            if record is None:
+                err.print(f"[red]no job {job!r}[/]")
+                raise typer.Exit(2)
+            raise typer.Exit(_run(service, progress, record.id, as_json=as_json))
+
+    app.add_typer(jobs_app, name="jobs")
