@@ -125,3 +125,46 @@ async def test_interrupted_job_resumes_without_duplicates(world: Any) -> None:
     assert result.complete and result.counts == {"stored": 10}
     assert not set(stored_again) & set(stored_first) and len(stored_again) == 7  # nothing fetched twice
     assert [(p.patient.PatientID, p.instances) for p in local.list_patients()] == [("LOCAL-5", 10)]
+
+
+def test_killed_process_resumes_with_jobs_resume(world: Any) -> None:
+    """`xig pull-priors` is SIGKILLed mid-import; `xig jobs resume` finishes it: nothing lost, nothing twice."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    a, engine, local, _ = world
+    cfg_path = a.base_dir / "xig.toml"
+    cmd = [sys.executable, "-m", "gateway.cli"]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen([*cmd, "pull-priors", "--config", str(cfg_path), "--family", "RIVERA", "--given", "Ana",
+                             "--birth-date", "19750612", "--gender", "F", "--local-id", "LOCAL-5", "--yes", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    job_id, stored = None, 0
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("event") == "job":
+            job_id = event["id"]
+        if event.get("event") == "stored":
+            stored += 1
+            if stored == 3:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait(timeout=30)
+    assert job_id is not None and proc.returncode == -signal.SIGKILL
+    jobs = SqlJobStore(engine)
+    before = jobs.counts(job_id)
+    assert 3 <= before.get("stored", 0) < 10 and before.get("pending", 0) > 0
+    r = subprocess.run([*cmd, "jobs", "resume", job_id[:8], "--config", str(cfg_path), "--json"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = [json.loads(x) for x in r.stderr.splitlines() if x.startswith("{")]
+    assert sum(1 for e in resumed if e["event"] == "stored") == 10 - before["stored"]  # only what was missing
+    summary = json.loads(r.stdout)
+    assert summary["complete"] and summary["counts"] == {"stored": 10}
+    assert [(p.patient.PatientID, p.instances) for p in local.list_patients()] == [("LOCAL-5", 10)]
+    ls = subprocess.run([*cmd, "jobs", "ls", "--config", str(cfg_path)], capture_output=True, text=True, env=env)
+    assert job_id[:8] in ls.stdout and "completed" in ls.stdout
