@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import shutil
 import tempfile
 import threading
 import time
@@ -126,6 +127,7 @@ def mtom_streaming() -> Result:
         gw.stop()
         ref_server.should_exit = True
         t.join(30)
+        shutil.rmtree(d, ignore_errors=True)
     mb = 1024 * 1024
     return Result("MTOM 200 MB over mTLS (gateway / plain TLS stream)", xig / mb, ref / mb, "MB/s")
 

@@ -204,7 +204,7 @@ class PullPriors:
             batch = pending[start:start + size]
             items = [ImageRequest(i.home_community_id, i.repository_unique_id, i.study_instance_uid,
                                   i.series_instance_uid, i.sop_instance_uid) for i in batch]
-            outcome = await client.retrieve_images(items, sink_factory=lambda _: mtom.FileSink(spool),
+            outcome = await client.retrieve_images(items, sink_factory=lambda _: mtom.FileSink(spool, durable=False),
                                                    transfer_syntaxes=self.config.import_.transfer_syntaxes)
             for inst in batch:
                 r = outcome.results.get(inst.sop_instance_uid)

@@ -388,11 +388,13 @@ class FileSink:
     renames it to ``name``, or to ``part-<uuid>.bin`` when no name is given, and returns the final
     path. ``abort()`` deletes the temporary file, or the final file when it has already been renamed.
     ``name`` must be a plain file name (no directories); never build it from untrusted input without
-    sanitising it.
+    sanitising it. ``durable=False`` skips the fsyncs (still atomic): for spool files that are consumed
+    right away and re-fetched after a crash anyway — 400 fsyncs per study cost a third of the throughput.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], name: str | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], name: str | None = None, *, durable: bool = True) -> None:
         self.directory = Path(directory)
+        self.durable = durable
         if name is None:
             name = f"part-{uuid.uuid4().hex}.bin"
         if not _SAFE_NAME.match(name) or name in (".", ".."):
@@ -415,14 +417,16 @@ class FileSink:
             raise RuntimeError(f"close of a {self._state} FileSink")
         try:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.durable:
+                os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self.temp_path, self.final_path)
         except BaseException:
             self.abort()
             raise
         self._state = "closed"
-        fsync_dir(self.directory)
+        if self.durable:
+            fsync_dir(self.directory)
         return self.final_path
 
     def abort(self) -> None:

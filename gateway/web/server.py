@@ -30,6 +30,8 @@ log = logging.getLogger("xig.server")
 class _PeerCertH11(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # large MTOM responses: let the producer run ahead of drain() by a few MiB, not 64 KiB
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024)
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         self.app_state = {**self.app_state, "tls_peer_certificate": der}

@@ -1,0 +1,542 @@
+"""Responding-gateway benchmarks: RAD-75 (XCA-I retrieve) from a real Orthanc, through XIG, over mTLS.
+
+One Orthanc (``tests.orthanc.OrthancServer``, DICOMweb plugin, loopback) holds synthetic CT studies
+(``gateway.dicom.synth.make_study``, 512×512×16-bit, series of 400 instances). Each XIG gateway runs as
+its own process (``python -m gateway.cli serve``), so the partner (this process: ``SoapClient`` →
+``FileSink`` on disk) and the gateway do not share a GIL — as in a deployment, where they do not share
+a machine.
+
+* Reference: Orthanc's own WADO-RS of the whole 400-instance study (~200 MB), ``Accept: multipart/related;
+  type="application/dicom"; transfer-syntax=*``, streamed with httpx to a file — MB/s, best of 3.
+* RAD-75 of the same study through XIG (ITI-38 + ITI-39 once first, so the instances are authorised),
+  DICOMweb and DIMSE (C-GET) backends × ``rad75_root_part`` "first" and "last" — MB/s, best of 3,
+  as a ratio against the reference (the issue's goal: ≥ 0.6 with the DICOMweb backend).
+* Peak RSS of the gateway process (``VmHWM`` after a ``clear_refs`` reset, and psutil sampling) while it
+  serves a RAD-75 of a 4000-instance (10 series, ~2 GB) study (DICOMweb backend, both root layouts),
+  against the same process idle after start-up (goal: < 300 MB). Skipped with ``XIG_BENCH_LARGE=0``.
+
+Studies are generated once and kept, already stored in Orthanc, under a cache directory
+(``XIG_BENCH_CACHE``, default ``$TMPDIR/xig-bench-cache``; outside the repository, which has no ignore
+rule for a 2+ GB cache). Every Orthanc and gateway process started here is stopped on the way out,
+also on errors (and by :mod:`atexit` as a last resort). MB = 2**20 bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import psutil
+from rich.console import Console
+
+from bench.common import Result
+from gateway.config import Config, load_config
+from gateway.dicom.kos import parse_kos
+from gateway.dicom.synth import derive_uid, make_study
+from gateway.ihe import ebrim, iti38, iti39, rad75
+from gateway.ihe.iti39 import DocumentRequest
+from gateway.security.certs import CertSet, init_certs
+from gateway.security.outbound import security_header
+from gateway.security.tls import client_context
+from gateway.soap import mtom
+from gateway.web.client import SoapClient, SoapReply
+from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCAI_RETRIEVE
+from tests.orthanc import OrthancServer, free_port, orthanc_available
+
+MB = 1024 * 1024
+RUNS = 3
+EVRLE = "1.2.840.10008.1.2.1"
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+#: a retrieve (or the gateway's spooling, root "first") must finish within this many seconds
+CALL_TIMEOUT = 900.0
+HCID, AA, REPO, SOURCE = "urn:oid:2.999.1", "2.999.1.1", "2.999.1.2", "2.999.1.3"
+CACHE = Path(os.environ.get("XIG_BENCH_CACHE") or Path(tempfile.gettempdir()) / "xig-bench-cache")
+#: bump when the way studies are made or stored changes (invalidates the cached Orthanc storage)
+CACHE_VERSION = 2
+
+log = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _say(msg: str) -> None:
+    log.print(f"[dim]\\[rad75 {time.strftime('%H:%M:%S')}][/] {msg}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Studies, stored once in a cached Orthanc
+# -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudySpec:
+    series: int
+    per_series: int
+    rows: int = 512
+    cols: int = 512
+    bits: int = 16
+
+    @property
+    def instances(self) -> int:
+        return self.series * self.per_series
+
+    @property
+    def mb(self) -> float:
+        """Pixel data size in MB (the Part 10 files are ~0.3 % larger)."""
+        return self.instances * self.rows * self.cols * self.bits / 8 / MB
+
+    @property
+    def key(self) -> str:
+        return f"ct{self.series}x{self.per_series}-{self.rows}x{self.cols}x{self.bits}-v{CACHE_VERSION}"
+
+    @property
+    def patient_id(self) -> str:
+        return f"XIGBENCH-{self.key}"
+
+    @property
+    def study_uid(self) -> str:
+        return derive_uid("xig-bench", self.key)
+
+
+SMALL = StudySpec(1, 400)     # one CT series of 400 instances ≈ 200 MB
+LARGE = StudySpec(10, 400)    # ten such series, 4000 instances ≈ 2 GB
+
+
+def _study_instances(orthanc: OrthancServer, study_uid: str) -> int:
+    hits = orthanc.client.post("/tools/lookup", content=study_uid)
+    hits.raise_for_status()
+    for hit in hits.json():
+        if hit.get("Type") == "Study":
+            return int(orthanc.get_json(f"/studies/{hit['ID']}/statistics")["CountInstances"])
+    return 0
+
+
+def ensure_study(orthanc: OrthancServer, spec: StudySpec) -> None:
+    """Generate and upload ``spec`` unless Orthanc already holds all of it (an earlier run's cache)."""
+    have = _study_instances(orthanc, spec.study_uid)
+    if have == spec.instances:
+        _say(f"study {spec.key}: {have} instances already in the cached Orthanc")
+        return
+    _say(f"study {spec.key}: generating and uploading {spec.instances} instances (once; cached afterwards)…")
+    t0 = time.perf_counter()
+    src = Path(tempfile.mkdtemp(prefix=f"gen-{spec.key}-", dir=orthanc.workdir.parent))
+    try:
+        # one series at a time (own seed, so own UIDs): generate, upload, delete — never 2 GB of source on disk
+        for n in range(spec.series):
+            study = make_study(src / str(n), patient_id=spec.patient_id, patient_name="Bench^Ben",
+                               birth_date="19600101", sex="M", accession="XIGBENCH",
+                               study_uid=spec.study_uid, study_description="XIG benchmark CT",
+                               series=(("CT", spec.per_series, "CHEST"),), rows=spec.rows, cols=spec.cols,
+                               bits=spec.bits, seed=f"{spec.key}-{n}")
+            orthanc.upload(study.paths)
+            shutil.rmtree(src / str(n))
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    have = _study_instances(orthanc, spec.study_uid)
+    if have != spec.instances:
+        raise RuntimeError(f"Orthanc holds {have} of the {spec.instances} instances of {spec.key}")
+    _say(f"study {spec.key}: stored in {time.perf_counter() - t0:.0f} s")
+
+
+@contextlib.contextmanager
+def _cache_dir() -> Iterator[Path]:
+    """The shared cache, locked for this run; a private one when another run holds the lock."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / "lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            private = Path(tempfile.mkdtemp(prefix="xig-bench-private-"))
+            _say(f"[yellow]another benchmark holds {CACHE}; using a private, uncached {private} "
+                 "(and figures share the machine with it)[/]")
+            try:
+                yield private
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
+            return
+        yield CACHE
+
+
+@contextlib.contextmanager
+def orthanc_with(specs: list[StudySpec], cache: Path) -> Iterator[OrthancServer]:
+    if not orthanc_available():
+        raise RuntimeError("Orthanc is not installed; run `make install` as root")
+    workdir = cache / f"orthanc-v{CACHE_VERSION}"
+    server = OrthancServer(workdir)
+    for attempt in range(3):  # 2nd: other free ports; 3rd: a fresh storage (e.g. another Orthanc's database)
+        try:
+            server.start()
+            break
+        except Exception as exc:
+            server.stop()
+            if attempt == 2:
+                raise
+            _say(f"[yellow]Orthanc did not start ({str(exc).splitlines()[0]})"
+                 + ("; recreating its cached storage" if attempt == 1 else "; retrying") + "[/]")
+            if attempt == 1:
+                shutil.rmtree(workdir, ignore_errors=True)
+            server = OrthancServer(workdir)
+    try:
+        for spec in specs:
+            ensure_study(server, spec)
+        yield server
+    finally:
+        server.stop()
+
+
+# -------------------------------------------------------------------------------------------------
+# A gateway in its own process
+# -------------------------------------------------------------------------------------------------
+
+CONFIG = """
+[gateway]
+home_community_id = "{hcid}"
+assigning_authority = "{aa}"
+repository_unique_id = "{repo}"
+imaging_source_id = "{source}"
+
+[server]
+listen = "127.0.0.1:{port}"
+certificate = "{c.gateway_cert}"
+private_key = "{c.gateway_key}"
+client_ca = "{c.ca_cert}"
+shutdown_timeout = 5
+
+[saml]
+trusted_issuers = "{c.ca_cert}"
+signing_certificate = "{c.partner_cert}"
+signing_key = "{c.partner_key}"
+
+[responder]
+rad75_root_part = "{root}"
+spool_dir = "spool"
+
+{pacs}
+"""
+
+
+def pacs_section(kind: str, orthanc: OrthancServer) -> str:
+    if kind == "dicomweb":
+        return f'[pacs]\nkind = "dicomweb"\nurl = "{orthanc.dicomweb_url}"\n'
+    return (f'[pacs]\nkind = "dimse"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+            f'called_ae = "{orthanc.aet}"\ncalling_ae = "XIG"\n')
+
+
+class GatewayProcess:
+    """``python -m gateway.cli serve --config …`` in ``workdir``; stopped by :meth:`stop` (and atexit)."""
+
+    def __init__(self, workdir: Path, certs: CertSet, pacs: str, root: str) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "spool").mkdir(exist_ok=True)
+        self.port = free_port()
+        self.config_path = workdir / "xig.toml"
+        self.config_path.write_text(CONFIG.format(hcid=HCID, aa=AA, repo=REPO, source=SOURCE, port=self.port,
+                                                  c=certs, root=root, pacs=pacs))
+        self.config: Config = load_config(self.config_path)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join((self.workdir / "gateway.log").read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def start(self, attempts: int = 600) -> GatewayProcess:
+        self._log = (self.workdir / "gateway.log").open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config",
+                                         str(self.config_path)], cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "COLUMNS": "200"})
+        atexit.register(self.stop)
+        try:
+            for _ in range(attempts):  # ≤ 60 s
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self.process.wait(timeout=0.1)
+                    raise RuntimeError(f"gateway exited with status {code} during start-up:\n{self.log_tail()}")
+            raise RuntimeError(f"gateway did not listen on {self.url}:\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # uvicorn: graceful shutdown
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RssMonitor:
+    """Peak RSS of a process while a block runs: kernel high-water mark (reset at entry) and sampling."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.sampled = 0
+        self.hwm: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _vm_hwm(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(psutil.Error):
+                self.sampled = max(self.sampled, self.proc.memory_info().rss)
+
+    def __enter__(self) -> RssMonitor:
+        # "5" resets the peak RSS (VmHWM) to the current RSS (Linux ≥ 4.0, own processes)
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        self.sampled = self.proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.hwm = self._vm_hwm()
+
+    @property
+    def peak(self) -> int:
+        return max(self.sampled, self.hwm or 0)
+
+
+class Contention:
+    """Share of the machine's CPU used by *other* processes (not this one or its children) while a block runs.
+
+    Other work on a small machine skews the figures; this says how much there was.
+    """
+
+    def _own(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        me = psutil.Process()
+        for p in (me, *me.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+        return out
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+    def __enter__(self) -> Contention:
+        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
+        self.percent = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = (time.monotonic() - self.t0) * (psutil.cpu_count() or 1)
+        own = sum(v - self.own0.get(pid, 0.0) for pid, v in self._own().items())
+        self.percent = max(0.0, (self._busy() - self.busy0 - own) / wall * 100) if wall > 0 else 0.0
+
+    def __str__(self) -> str:
+        return f"other processes used {self.percent:.0f}% of the machine meanwhile"
+
+
+# -------------------------------------------------------------------------------------------------
+# The partner: ITI-38 → ITI-39 (authorises the instances) → RAD-75
+# -------------------------------------------------------------------------------------------------
+
+Item = tuple[str, str, str, str]  # study, series, SOP instance, repository (retrieve location) UIDs
+
+
+class Partner:
+    def __init__(self, gateway: GatewayProcess, certs: CertSet) -> None:
+        self.cfg = gateway.config
+        self.base = gateway.url
+        self.ctx = client_context(certs.partner_cert, certs.partner_key, certs.ca_cert)
+
+    async def _call(self, client: SoapClient, path: str, body: Any, action: str, **kw: Any) -> SoapReply:
+        url = self.base + path
+        reply = await client.call(url, body, action, security=security_header(self.cfg, url), timeout=CALL_TIMEOUT,
+                                  **kw)
+        if reply.fault is not None:
+            raise RuntimeError(f"{path}: SOAP fault {reply.fault}")
+        return reply
+
+    async def authorise(self, spec: StudySpec) -> list[Item]:
+        """ITI-38 FindDocuments (the on-demand KOS entry) and ITI-39 of that KOS: what RAD-75 may ask for."""
+        async with SoapClient(self.ctx, timeout=CALL_TIMEOUT) as c:
+            q = iti38.build_query(iti38.find_documents_for_kos(ebrim.CX(spec.patient_id, AA)))
+            found = iti38.parse_response((await self._call(c, XCA_QUERY.path, q, XCA_QUERY.request_action)).body)
+            if len(found.entries) != 1:
+                raise RuntimeError(f"ITI-38 found {len(found.entries)} KOS entries for {spec.patient_id}, not 1")
+            req = iti39.build_request([DocumentRequest(HCID, REPO, found.entries[0].unique_id)])
+            reply = await self._call(c, XCA_RETRIEVE.path, req, XCA_RETRIEVE.request_action, use_mtom=True)
+        doc = iti39.parse_response(reply.body, reply.attachments).documents[0]
+        kos = parse_kos(doc.data if doc.data is not None else doc.attachment)
+        items = [(r.study_uid, r.series_uid, r.sop_instance_uid, r.retrieve_location_uid) for r in kos.references]
+        if len(items) != spec.instances:
+            raise RuntimeError(f"the KOS lists {len(items)} instances, the study has {spec.instances}")
+        return items
+
+    async def retrieve(self, items: list[Item], out: Path) -> tuple[int, float]:
+        """RAD-75 of ``items`` into files under ``out``: (Part 10 bytes received, seconds)."""
+        body = rad75.build_request(rad75.imaging_request(
+            [(st, se, DocumentRequest(HCID, repo, sop)) for st, se, sop, repo in items], [EVRLE]))
+        out.mkdir(parents=True, exist_ok=True)
+        async with SoapClient(self.ctx, timeout=CALL_TIMEOUT) as c:
+            t0 = time.perf_counter()
+            # spool files as the import station writes them (atomic, no per-part fsync)
+            reply = await self._call(c, XCAI_RETRIEVE.path, body, XCAI_RETRIEVE.request_action, use_mtom=True,
+                                     sink_factory=lambda _info: mtom.FileSink(out, durable=False))
+            seconds = time.perf_counter() - t0
+        res = rad75.parse_response(reply.body, reply.attachments)
+        if not res.status.endswith(":Success") or res.errors or len(res.documents) != len(items):
+            raise RuntimeError(f"RAD-75: {res.status}, {len(res.documents)} of {len(items)} instances, "
+                               f"errors {[(e.code, e.context) for e in res.errors[:3]]}")
+        size = sum(Path(d.attachment).stat().st_size for d in res.documents)
+        return size, seconds
+
+
+def _fresh(parent: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix="out-", dir=parent))
+
+
+# -------------------------------------------------------------------------------------------------
+# Benchmarks
+# -------------------------------------------------------------------------------------------------
+
+def wado_reference(orthanc: OrthancServer, spec: StudySpec, work: Path) -> float:
+    """Orthanc's WADO-RS of the whole study streamed to one file: MB/s, best of :data:`RUNS`."""
+    url = f"{orthanc.dicomweb_url}/studies/{spec.study_uid}"
+    with Contention() as other:
+        best = max(_wado_once(url, spec, work) for _ in range(RUNS))
+    _say(f"reference: Orthanc WADO-RS of {spec.instances} instances {best:.0f} MB/s ({other})")
+    return best
+
+
+def _wado_once(url: str, spec: StudySpec, work: Path) -> float:
+    out = _fresh(work)
+    try:
+        with httpx.Client(timeout=CALL_TIMEOUT) as http:
+            t0 = time.perf_counter()
+            size = 0
+            with http.stream("GET", url, headers={"Accept": WADO_ACCEPT}) as rsp, (out / "study").open("wb") as f:
+                rsp.raise_for_status()
+                for chunk in rsp.iter_raw():
+                    f.write(chunk)
+                    size += len(chunk)
+            seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if size < 0.99 * spec.instances * spec.rows * spec.cols * spec.bits // 8:
+        raise RuntimeError(f"WADO-RS returned only {size} bytes")
+    return size / MB / seconds
+
+
+def rad75_throughput(orthanc: OrthancServer, certs: CertSet, work: Path, kind: str, root: str,
+                     spec: StudySpec, reference: float) -> Result:
+    """RAD-75 of the whole study through a gateway process: MB/s, best of :data:`RUNS`."""
+    with GatewayProcess(work / f"gw-{kind}-{root}", certs, pacs_section(kind, orthanc), root) as gw:
+        partner = Partner(gw, certs)
+        items = asyncio.run(partner.authorise(spec))
+        with Contention() as other:
+            best = max(_rad75_once(partner, items, work) for _ in range(RUNS))
+    _say(f"RAD-75 {kind}/root {root}: {best:.0f} MB/s → ratio {best / reference:.2f} ({other})")
+    backend = "DICOMweb" if kind == "dicomweb" else "DIMSE C-GET"
+    return Result(f"RAD-75 {spec.instances} CT ({spec.mb:.0f} MB), {backend}, root {root} / Orthanc WADO-RS",
+                  best, reference, "MB/s")
+
+
+def _rad75_once(partner: Partner, items: list[Item], work: Path) -> float:
+    out = _fresh(work)
+    try:
+        size, seconds = asyncio.run(partner.retrieve(items, out))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return size / MB / seconds
+
+
+def peak_rss(orthanc: OrthancServer, certs: CertSet, work: Path, kind: str, root: str,
+             spec: StudySpec) -> Result:
+    with GatewayProcess(work / f"gw-large-{kind}-{root}", certs, pacs_section(kind, orthanc), root) as gw:
+        assert gw.process is not None
+        time.sleep(1.0)  # let start-up allocations settle
+        idle = psutil.Process(gw.process.pid).memory_info().rss
+        partner = Partner(gw, certs)
+        items = asyncio.run(partner.authorise(spec))
+        out = _fresh(work)
+        try:
+            with Contention() as other, RssMonitor(gw.process.pid) as mon:
+                size, seconds = asyncio.run(partner.retrieve(items, out))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    _say(f"peak RSS {kind}/root {root}: {mon.peak / MB:.0f} MB (VmHWM {(mon.hwm or 0) / MB:.0f} MB, sampled "
+         f"{mon.sampled / MB:.0f} MB), idle {idle / MB:.0f} MB; {size / MB:,.0f} MB in {seconds:.1f} s "
+         f"= {size / MB / seconds:.0f} MB/s ({other})")
+    backend = "DICOMweb" if kind == "dicomweb" else "DIMSE C-GET"
+    return Result(f"Gateway peak RSS (goal < 300 MB), RAD-75 {spec.instances} CT ({spec.mb / 1024:.1f} GB), "
+                  f"{backend}, root {root} / idle", mon.peak / MB, idle / MB, "MB")
+
+
+def run() -> list[Result]:
+    t_start = time.perf_counter()
+    large = os.environ.get("XIG_BENCH_LARGE", "1").strip().lower() not in ("0", "no", "false", "off")
+    _say(f"{psutil.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start"
+         + ("" if large else "; XIG_BENCH_LARGE=0: the 2 GB peak-RSS case is skipped"))
+    results: list[Result] = []
+    with _cache_dir() as cache:
+        work = Path(tempfile.mkdtemp(prefix="xig-bench-rad75-"))
+        try:
+            certs = init_certs(work / "pki")
+            specs = [SMALL, LARGE] if large else [SMALL]
+            with orthanc_with(specs, cache) as orthanc:
+                ref = wado_reference(orthanc, SMALL, work)
+                for kind, root in (("dicomweb", "first"), ("dicomweb", "last"), ("dimse", "first"),
+                                   ("dimse", "last")):
+                    results.append(rad75_throughput(orthanc, certs, work, kind, root, SMALL, ref))
+                if large:
+                    for kind, root in (("dicomweb", "first"), ("dicomweb", "last")):
+                        results.append(peak_rss(orthanc, certs, work, kind, root, LARGE))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    _say(f"done in {time.perf_counter() - t_start:.0f} s; load average "
+         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
+    return results
+
+
+if __name__ == "__main__":
+    for r in run():
+        print(f"{r.name}: {r.value:.1f} {r.unit} vs {r.reference:.1f} {r.unit} → ratio {r.ratio:.2f}")
