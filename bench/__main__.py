@@ -9,7 +9,7 @@ from bench import rad75, transport
 
 
 def main() -> None:
-    table = Table(title="XIG benchmarks (ratio = XIG / reference, same process, loopback)")
+    table = Table(title="XIG benchmarks (ratio = XIG / reference measured in the same run, loopback)")
     for col in ("benchmark", "XIG", "reference", "ratio"):
         table.add_column(col)
     for r in (*transport.run(), *rad75.run()):

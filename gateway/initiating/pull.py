@@ -27,9 +27,10 @@ from pydicom import dcmread
 from gateway.config import Config
 from gateway.dicom.reconcile import Expected, LocalPatient, ReconcileError, ReconcilePolicy, reconcile_file
 from gateway.ihe import ebrim
+from gateway.ihe.ebrim import DCM_OID, DocumentEntry
 from gateway.ihe.iti55 import PatientDemographics, PersonName
-from gateway.initiating.client import ImageRequest, PartnerClient, open_soap_client
-from gateway.initiating.fanout import discover_all, find_all
+from gateway.initiating.client import ImageRequest, PartnerClient, RetrievedManifest, open_soap_client
+from gateway.initiating.fanout import CommunityDocuments, discover_all, find_all
 from gateway.initiating.partners import PartnerDirectory
 from gateway.pacs.base import PacsBackend
 from gateway.soap import mtom
@@ -107,34 +108,40 @@ class PullPriors:
                                         remote_assigning_authority=pid.assigning_authority)
             docs = await find_all(self.config, fan, soap_client=soap)
             result.errors += [str(e) for e in docs.errors]
+            # one ITI-39 exchange per (community, patient id) query: batched by the partner's limit
+            batches: dict[int, tuple[CommunityDocuments, list[DocumentEntry]]] = {}
             for found, entry in docs.entries():
+                if found.partner is not None:
+                    batches.setdefault(id(found), (found, []))[1].append(entry)
+            for found, entries in batches.values():
                 partner = found.partner
-                if partner is None:
-                    continue
+                assert partner is not None
                 client = PartnerClient(self.config, partner, soap)
-                for m in await client.retrieve_manifests([entry]):
+                for m in await client.retrieve_manifests(entries):
                     if m.kos is None:
-                        result.errors.append(f"{partner.name}: manifest {entry.unique_id}: "
+                        result.errors.append(f"{partner.name}: manifest {m.entry.unique_id}: "
                                              f"{m.error.context if m.error else m.problem}")
                         continue
-                    refs = m.image_requests()
-                    study = JobStudy(
-                        home_community_id=found.home_community_id, study_instance_uid=m.kos.study_instance_uid,
-                        partner=partner.name, remote_patient_id=str(found.patient_id),
-                        kos_uid=m.new_document_unique_id or entry.unique_id,
-                        description=m.kos.study_description, study_date=m.kos.study_date,
-                        modalities="/".join(sorted({c.code for c in entry.event_codes
-                                                    if c.scheme == "1.2.840.10008.2.16.4"})),
-                        instances=len(refs))
-                    self.store.add_studies(job, [study])
-                    self.store.add_instances(job, [JobInstance(r.sop_instance_uid, found.home_community_id,
-                                                               r.study_instance_uid, r.series_instance_uid,
-                                                               r.repository_unique_id) for r in refs])
-                    self.progress("study", {"community": found.home_community_id, "study": study.study_instance_uid,
-                                            "description": study.description, "instances": study.instances})
+                    self._record_study(job, found, m)
         result.studies = self.store.studies(job)
         self.store.set_state(job, "discovered", {"studies": len(result.studies), "errors": result.errors})
         return result
+
+    def _record_study(self, job: str, found: CommunityDocuments, m: RetrievedManifest) -> None:
+        assert m.kos is not None and found.partner is not None
+        refs = m.image_requests()
+        study = JobStudy(
+            home_community_id=found.home_community_id, study_instance_uid=m.kos.study_instance_uid,
+            partner=found.partner.name, remote_patient_id=str(found.patient_id),
+            kos_uid=m.new_document_unique_id or m.entry.unique_id,
+            description=m.kos.study_description, study_date=m.kos.study_date,
+            modalities="/".join(sorted({c.code for c in m.entry.event_codes if c.scheme == DCM_OID})),
+            instances=len(refs))
+        self.store.add_studies(job, [study])
+        self.store.add_instances(job, [JobInstance(r.sop_instance_uid, found.home_community_id, r.study_instance_uid,
+                                                   r.series_instance_uid, r.repository_unique_id) for r in refs])
+        self.progress("study", {"community": found.home_community_id, "study": study.study_instance_uid,
+                                "description": study.description, "instances": study.instances})
 
     def select(self, job_id: str, chosen: Sequence[tuple[str, str]] | None) -> None:
         """Keep only ``chosen`` (community, study uid) pairs selected (None: all)."""
@@ -215,9 +222,9 @@ class PullPriors:
                     self.progress("failed", {"sop": inst.sop_instance_uid, "reason": reason})
                     continue
                 await self._store_one(job_id, inst, Path(r.delivered), local, expected, policy, result)
-        counts = {i.state for i in self.store.instances(job_id)
+        states = {i.state for i in self.store.instances(job_id)
                   if i.study_instance_uid == study.study_instance_uid}
-        done = counts == {"stored"}
+        done = states == {"stored"}
         self.store.set_study(job_id, study.home_community_id, study.study_instance_uid,
                              state="imported" if done else "failed")
 

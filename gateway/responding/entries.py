@@ -13,6 +13,7 @@ import uuid
 from gateway.config import CodeValue, Config
 from gateway.dicom.kos import kos_uid_for
 from gateway.ihe.ebrim import (
+    DCM_OID,
     KOS_FORMAT_CODE,
     ON_DEMAND,
     STABLE,
@@ -27,7 +28,7 @@ from gateway.ihe.ebrim import (
 from gateway.pacs.base import StudyInfo
 
 #: DICOM Controlled Terminology (acquisition modality codes, CID 29)
-DCM_SCHEME = "1.2.840.10008.2.16.4"
+DCM_SCHEME = DCM_OID
 #: Modalities that are not acquisitions and so are not event codes (CID 29 lists acquisition modalities)
 NON_ACQUISITION = frozenset({"KO", "PR", "SR", "REG", "SEG", "RWV", "FID", "PLAN", "RTPLAN", "RTRECORD", "DOC"})
 #: Modality display names (DICOM PS3.16 CID 29), for eventCodeDisplayNameList
