@@ -19,6 +19,7 @@ from gateway.config import Config
 from gateway.initiating.pull import PullPriors, PullRequest, PullResult
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Durable import jobs: list, show, resume.")
+partners_app = typer.Typer(no_args_is_help=True, help="Partner communities: import a FHIR directory, list.")
 console = Console()
 err = Console(stderr=True)
 
@@ -179,3 +180,48 @@ def register(app: typer.Typer, load: Any) -> None:
             raise typer.Exit(_run(service, progress, record.id, as_json=as_json))
 
     app.add_typer(jobs_app, name="jobs")
+
+    @partners_app.command("import")
+    def partners_import(file: Annotated[Path, typer.Argument(help="FHIR directory bundle (JSON)")],
+                        config: Annotated[Path, typer.Option("--config", "-c")]) -> None:
+        """Import a Carequality-style FHIR directory bundle (replaces the previous import)."""
+        from gateway.initiating.partners import parse_fhir_directory
+        from gateway.store.db import open_database
+        from gateway.store.directory import SqlDirectory
+
+        cfg = load(config)
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            err.print(f"[red]cannot read {file}: {exc}[/]")
+            raise typer.Exit(2) from None
+        parsed = parse_fhir_directory(data)
+        for w in parsed.warnings:
+            err.print(f"[yellow]skipped[/] {w}")
+        n = SqlDirectory(open_database(cfg.database.url, cfg.base_dir)).replace_all(parsed, str(file))
+        console.print(f"{n} partner(s) imported from {file}")
+        raise typer.Exit(0 if n else 1)
+
+    @partners_app.command("ls")
+    def partners_ls(config: Annotated[Path, typer.Option("--config", "-c")],
+                    as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """Every partner: configured [[partners]] and imported directory entries."""
+        import dataclasses
+
+        from gateway.initiating.partners import PartnerDirectory
+        from gateway.store.db import open_database
+        from gateway.store.directory import SqlDirectory
+
+        cfg = load(config)
+        imported = SqlDirectory(open_database(cfg.database.url, cfg.base_dir)).partners()
+        partners = PartnerDirectory.from_config(cfg, extra=imported).partners()
+        if as_json:
+            print(json.dumps([dataclasses.asdict(p) for p in partners], indent=2))
+            return
+        t = Table("Name", "homeCommunityId", "Source", "XCPD", "XCA query", "XCA retrieve", "XCA-I retrieve")
+        for p in partners:
+            t.add_row(p.name, p.home_community_id, p.source, *("yes" if u else "-" for u in
+                      (p.xcpd_url, p.xca_query_url, p.xca_retrieve_url, p.xcai_retrieve_url)))
+        console.print(t)
+
+    app.add_typer(partners_app, name="partners")

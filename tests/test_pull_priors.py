@@ -168,3 +168,41 @@ def test_killed_process_resumes_with_jobs_resume(world: Any) -> None:
     assert [(p.patient.PatientID, p.instances) for p in local.list_patients()] == [("LOCAL-5", 10)]
     ls = subprocess.run([*cmd, "jobs", "ls", "--config", str(cfg_path)], capture_output=True, text=True, env=env)
     assert job_id[:8] in ls.stdout and "completed" in ls.stdout
+
+
+def test_partners_from_a_fhir_directory(world: Any, tmp_path: Path, pki: CertSet) -> None:
+    """`xig partners import` a directory bundle; pull-priors then reaches the partner it describes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_initiating_client import endpoint, organization
+
+    a, _, _, _ = world
+    b_url = next(p.xcpd_url for p in a.partners if p.name == "Community B").rsplit("/ihe/", 1)[0]
+    b_hcid = next(p.home_community_id for p in a.partners if p.name == "Community B")
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": organization(
+        b_hcid.removeprefix("urn:oid:"), "B from the directory", [
+            endpoint("e1", "ITI-55", b_url + "/ihe/xcpd"), endpoint("e2", "ITI-38", b_url + "/ihe/xca/query"),
+            endpoint("e3", "ITI-39", b_url + "/ihe/xca/retrieve"),
+            endpoint("e4", "RAD-75", b_url + "/ihe/xcai/retrieve"),
+        ])}, {"resource": organization("2.999.10.2", "Plain HTTP Clinic", [
+            endpoint("h1", "ITI-55", "http://clinic.example/xcpd")])}]}
+    (tmp_path / "directory.json").write_text(json.dumps(bundle))
+    station = community(tmp_path, pki, "station", "urn:oid:1.3.6.1.4.1.21367.13.70.209")  # no [[partners]]
+    cfg_path = station.base_dir / "xig.toml"
+    cmd, env = [sys.executable, "-m", "gateway.cli"], {**os.environ, "COLUMNS": "200"}
+    r = subprocess.run([*cmd, "partners", "import", str(tmp_path / "directory.json"), "--config", str(cfg_path)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "1 partner(s) imported" in r.stdout and "Plain HTTP Clinic" in r.stderr
+    r = subprocess.run([*cmd, "partners", "ls", "--config", str(cfg_path), "--json"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    listed = json.loads(r.stdout)
+    assert [(p["name"], p["source"]) for p in listed] == [("B from the directory", "directory")]
+    r = subprocess.run([*cmd, "pull-priors", "--config", str(cfg_path), "--family", "RIVERA", "--given", "Ana",
+                        "--birth-date", "19750612", "--gender", "F", "--local-id", "L-9", "--yes", "--json"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["complete"] and summary["counts"] == {"stored": 8}  # B's two studies (5 + 3 instances)

@@ -84,7 +84,11 @@ class PullPriors:
         self.store = store
         self.links = links
         self.pacs = local_pacs
-        self.directory = directory or PartnerDirectory.from_config(config)
+        if directory is None:
+            from gateway.store.directory import SqlDirectory
+
+            directory = PartnerDirectory.from_config(config, extra=SqlDirectory(store.engine).partners())
+        self.directory = directory
         self.progress = progress
 
     # -- discover & query ------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ def _jobs(conn: Connection) -> None:
 MIGRATIONS: list[Migration] = [
     Migration(1, "filesystem PACS index, patient links, KOS ledger, on-demand entries", _initial),
     Migration(2, "durable import jobs", _jobs),
+    Migration(3, "partners imported from a FHIR directory",
+              lambda conn: tables.metadata.create_all(conn, tables=[tables.directory_partners])),
 ]
 
 

@@ -167,6 +167,16 @@ job_instances = Table(
 )
 Index("ix_job_instances_state", job_instances.c.job_id, job_instances.c.state)
 
+#: Partners imported from a Carequality-style FHIR directory bundle (``xig partners import``).
+directory_partners = Table(
+    "directory_partners", metadata,
+    Column("home_community_id", String(UID + 8), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("entry", Text, nullable=False),  # JSON of the Partner
+    Column("source_file", Text, nullable=False, default=""),
+    Column("imported_at", DateTime(timezone=True), nullable=False),
+)
+
 #: Applied schema migrations (see :mod:`gateway.store.db`).
 schema_migrations = Table(
     "schema_migrations", metadata,
