@@ -206,3 +206,32 @@ def test_partners_from_a_fhir_directory(world: Any, tmp_path: Path, pki: CertSet
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout)
     assert summary["complete"] and summary["counts"] == {"stored": 8}  # B's two studies (5 + 3 instances)
+
+
+@pytest.mark.parametrize("kind", ["dicomweb", "dimse"])
+async def test_import_into_a_real_orthanc(world: Any, tmp_path: Path, pki: CertSet, orthanc: Any, kind: str) -> None:
+    """The local PACS is a real Orthanc: STOW-RS (dicomweb) or C-STORE (dimse)."""
+    import httpx
+
+    from tests.test_rad75_e2e import pacs_section
+
+    a, _, _, _ = world
+    text = (a.base_dir / "xig.toml").read_text().replace('[pacs]\nkind = "filesystem"\npath = "pacs"\n',
+                                                         pacs_section(kind, orthanc))
+    (tmp_path / "orthanc-station").mkdir()
+    (tmp_path / "orthanc-station" / "xig.toml").write_text(text)
+    cfg = load_config(tmp_path / "orthanc-station" / "xig.toml")
+    engine = open_database(cfg.database.url, cfg.base_dir)
+    local = open_backends(cfg, engine)[0]
+    try:
+        job = PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local)
+        found = await job.discover(PullRequest("RIVERA", "Ana", "19750612", "F", local_id="ORTHANC-LOCAL-1"))
+        result = await job.run(found.job_id)
+        assert result.complete and result.counts == {"stored": 10}
+    finally:
+        await local.aclose()
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{orthanc.dicomweb_url}/instances", params={"PatientID": "ORTHANC-LOCAL-1"})
+        instances = r.json()
+    assert len(instances) == 10
+    assert all(i["00100010"]["Value"][0]["Alphabetic"] == "RIVERA^Ana" for i in instances)
