@@ -78,12 +78,9 @@ Functions: :func:`check` (refuse an instance that does not belong to the expecte
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
-import os
 import re
-import secrets
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -102,7 +99,7 @@ from pydicom.uid import UID
 
 from gateway.dicom.kos import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, KosError, KosManifest, parse_kos
 from gateway.errors import XigError
-from gateway.files import fsync_dir
+from gateway.files import atomic_write
 
 __all__ = [
     "AccessionPolicy",
@@ -754,23 +751,11 @@ def reconcile_file(src: Path | str, dest: Path | str, local: LocalPatient, expec
     data = src.read_bytes()
     ds = _read(data)
     changed = _apply(ds, local, expected, policy, now)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            if changed:
-                _write(ds, fh)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
+    with atomic_write(dest) as fh:
+        if changed:
+            _write(ds, fh)
+        else:
+            fh.write(data)
     return changed
 
 

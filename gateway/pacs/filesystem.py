@@ -24,7 +24,6 @@ import datetime as dt
 import hashlib
 import os
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from sqlalchemy import ColumnElement, Engine, and_, func, or_, select, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.dicom import values as dv
-from gateway.files import fsync_dir
+from gateway.files import atomic_write
 from gateway.pacs.base import (
     InstanceInfo,
     InstanceRef,
@@ -341,25 +340,14 @@ class FilesystemBackend:
 
     @staticmethod
     def _copy_atomic(src: Path, dest: Path) -> tuple[int, str]:
-        """Copy ``src`` to ``dest`` via a hidden temporary file in ``dest``'s folder + fsync + rename."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+        """Copy ``src`` to ``dest`` atomically (temporary file + fsync + rename); ``(size, sha256)``."""
         h = hashlib.sha256()
         size = 0
-        try:
-            with src.open("rb") as fin, tmp.open("xb") as fout:
-                while chunk := fin.read(CHUNK_SIZE):
-                    h.update(chunk)
-                    fout.write(chunk)
-                    size += len(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        fsync_dir(dest.parent)
+        with src.open("rb") as fin, atomic_write(dest) as fout:
+            while chunk := fin.read(CHUNK_SIZE):
+                h.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
         return size, h.hexdigest()
 
     # -- listings for ``xig pacs ls`` (synchronous) -------------------------------------------------
