@@ -167,8 +167,10 @@ def demo(
 
 def _register_import_commands() -> None:
     from gateway.cli_import import register
+    from gateway.cli_steps import register as register_steps
 
     register(app, _load)
+    register_steps(app, _load)
 
 
 _register_import_commands()

@@ -506,6 +506,13 @@ class PartnerClient:
         kept = [e for e in result.entries if e.home_community_id]
         return FoundManifests(kept, status=result.status, errors=errors, problems=result.problems)
 
+    async def get_documents(self, unique_ids: Sequence[str]) -> iti38.QueryResult:
+        """ITI-38 GetDocuments by uniqueId at the partner's community (e.g. to learn repositoryUniqueIds)."""
+        params = iti38.GetDocumentsParams(home_community_id=self.partner.home_community_id,
+                                          unique_ids=tuple(unique_ids))
+        reply = await self._exchange(ITI38, iti38.build_query(params))
+        return iti38.parse_response(reply.body)
+
     # -- ITI-39 ----------------------------------------------------------------------------------
 
     async def retrieve_manifests(self, entries: Sequence[DocumentEntry]) -> list[RetrievedManifest]:
