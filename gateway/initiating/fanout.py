@@ -45,7 +45,7 @@ ClientFactory = Callable[[Config, Partner, SoapClient], PartnerClient]
 #: extra seconds the fan-out waits beyond ``partner.timeout`` (the client enforces the timeout itself;
 #: this only catches time spent outside the exchange, e.g. signing under load)
 GRACE_SECONDS: Final = 0.5
-DEFAULT_MAX_CONCURRENCY: Final = 32
+DEFAULT_MAX_CONCURRENCY: Final = 100  # a fan-out is one request per partner: queueing only adds latency
 
 
 @dataclass

@@ -1,0 +1,363 @@
+"""Initiating-gateway benchmarks: XCPD fan-out to 50 partners, and the import station's memory on a 2 GB pull.
+
+* **Fan-out.** 50 simulated partners, each its own XIG HTTPS server (``BackgroundServer``, its own port,
+  mutual TLS, signed SAML assertions verified, schema validation) in *one separate process* (so the
+  partners' CPU work does not share the measuring process's GIL). Partner ``i``'s ITI-55 handler parses
+  the PRPA_IN201305UV02, waits ``100 + 400·i/49`` ms (the simulated partner's latency) and answers a
+  valid PRPA_IN201306UV02 NF built by :func:`gateway.ihe.iti55.build_response`. The initiating config
+  has one ``[[partners]]`` entry (own HCID, own URL) per partner. Measured: the wall time of
+  :func:`gateway.initiating.fanout.discover_all` over the 50 (a fresh SOAP client each run, so fresh TLS
+  connections), one warm-up run then 3 measured; reference = the slowest partner's latency (500 ms).
+  Goal: wall ≤ slowest + 150 ms.
+* **Import station peak RSS.** A responding XIG process (``python -m gateway.cli serve``, DICOMweb
+  backend, RAD-75 root part "last") on the cached Orthanc of :mod:`bench.rad75` holding its 2 GB study;
+  an import station runs ``python -m gateway.cli pull-priors --config … --yes --json`` as its own
+  process with a filesystem local PACS. Its RSS and its kernel peak (``VmHWM``) are sampled every 10 ms
+  (not ``ru_maxrss``: after vfork it counts the parent's RSS); reference = the same peak of ``xig --help``
+  (the same interpreter and CLI, idle). Goal: < 300 MB. Throughput = bytes stored in the local PACS /
+  wall time of the whole command (start-up and discovery included), against one Orthanc WADO-RS of the
+  2 GB study streamed to a file. The synthetic patient of the 2 GB study also owns the 200 MB study of
+  :mod:`bench.rad75` (same demographics), so the pull imports both (~2.2 GB). Skipped with
+  ``XIG_BENCH_LARGE=0``. Every process and temporary folder (the ~2.2 GB local PACS included) is removed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO
+
+import anyio
+import psutil
+from rich.console import Console
+
+from bench import rad75
+from bench.common import Result
+from gateway.config import load_config
+from gateway.ihe import iti55
+from gateway.ihe.iti55 import PatientDemographics, PersonName
+from gateway.initiating.fanout import discover_all
+from gateway.initiating.partners import PartnerDirectory
+from gateway.security.certs import CertSet, init_certs
+from gateway.web.endpoints import XCPD
+
+MB = 1024 * 1024
+PARTNERS = 50
+RUNS = 3
+ARC = "2.999.77"
+STATION_HCID, STATION_AA = f"urn:oid:{ARC}.1", f"{ARC}.1.1"
+DEMOGRAPHICS = PatientDemographics(names=(PersonName(family=("Doe",), given=("Jane",)),), gender="F",
+                                   birth_time="19800214")
+
+log = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _say(msg: str) -> None:
+    log.print(f"[dim]\\[initiating {time.strftime('%H:%M:%S')}][/] {msg}")
+
+
+def latency_ms(i: int) -> float:
+    """Partner ``i``'s simulated latency: 100 ms … 500 ms, evenly spread."""
+    return 100 + 400 * i / (PARTNERS - 1)
+
+
+def partner_hcid(i: int) -> str:
+    return f"urn:oid:{ARC}.100.{i}"
+
+
+def gateway_toml(hcid: str, certs: CertSet, *, port: int = 0, extra: str = "") -> str:
+    oid = hcid.removeprefix("urn:oid:")
+    return f"""
+[gateway]
+home_community_id = "{hcid}"
+assigning_authority = "{oid}.1"
+repository_unique_id = "{oid}.2"
+imaging_source_id = "{oid}.3"
+
+[server]
+listen = "127.0.0.1:{port}"
+certificate = "{certs.gateway_cert}"
+private_key = "{certs.gateway_key}"
+client_ca = "{certs.ca_cert}"
+shutdown_timeout = 5
+
+[saml]
+trusted_issuers = "{certs.ca_cert}"
+signing_certificate = "{certs.partner_cert}"
+signing_key = "{certs.partner_key}"
+
+[database]
+url = "sqlite:///xig.db"
+
+[pacs]
+kind = "filesystem"
+path = "pacs"
+{extra}"""
+
+
+def partner_toml(name: str, hcid: str, base: str, *, timeout: float, rad75_too: bool = False) -> str:
+    urls = f'xcpd_url = "{base}{XCPD.path}"\n'
+    if rad75_too:
+        urls += (f'xca_query_url = "{base}/ihe/xca/query"\nxca_retrieve_url = "{base}/ihe/xca/retrieve"\n'
+                 f'xcai_retrieve_url = "{base}/ihe/xcai/retrieve"\n')
+    return f'\n[[partners]]\nname = "{name}"\nhome_community_id = "{hcid}"\n{urls}timeout_seconds = {timeout}\n'
+
+
+# -------------------------------------------------------------------------------------------------
+# The 50 simulated partners (run in their own process: ``python -m bench.initiating serve-partners DIR``)
+# -------------------------------------------------------------------------------------------------
+
+def serve_partners(work: Path) -> None:
+    """Start :data:`PARTNERS` XIG servers, print their URLs as one JSON line, serve until stdin closes."""
+    from gateway.soap.schema import default_schemas
+    from gateway.web.app import RequestContext, SoapResponse
+    from gateway.web.server import BackgroundServer
+
+    certs = CertSet(work.parent / "pki")  # the benchmark's PKI: the initiating side trusts the same CA
+    schemas = default_schemas()
+
+    def handler(i: int) -> Callable[[RequestContext], Awaitable[SoapResponse]]:
+        hcid, delay = partner_hcid(i), latency_ms(i) / 1000
+
+        async def iti55_nf(ctx: RequestContext) -> SoapResponse:
+            query = iti55.parse_request(ctx.body)
+            await anyio.sleep(delay)  # the simulated partner's own latency (its MPI lookup)
+            oid = hcid.removeprefix("urn:oid:")
+            return SoapResponse(iti55.build_response(query, iti55.NoMatch(), responder_device_id=f"{oid}.9",
+                                                     home_community_id=hcid, assigning_authority=f"{oid}.1"))
+        return iti55_nf
+
+    servers: list[BackgroundServer] = []
+    try:
+        for i in range(PARTNERS):
+            d = work / f"partner-{i}"
+            d.mkdir(parents=True)
+            (d / "xig.toml").write_text(gateway_toml(partner_hcid(i), certs))
+            server = BackgroundServer(load_config(d / "xig.toml"), {XCPD.transaction: handler(i)}, schemas=schemas)
+            servers.append(server.start())
+        print(json.dumps([s.url for s in servers]), flush=True)
+        sys.stdin.read()  # until the benchmark closes our stdin
+    finally:
+        for s in servers:
+            with contextlib.suppress(Exception):
+                s.stop(timeout=10)
+
+
+class PartnerFarm:
+    """The partners' process; ``urls[i]`` is partner ``i``'s base URL."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.urls: list[str] = []
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> PartnerFarm:
+        self._log = (self.work / "partners.log").open("w")
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.initiating", "serve-partners", str(self.work)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                        env={**os.environ, "COLUMNS": "200"})
+        atexit.register(self.stop)
+        try:
+            assert self.process.stdout is not None
+            line = self.process.stdout.readline()  # blocks until the 50 servers accept connections
+            if not line:
+                raise RuntimeError("the partners' process exited:\n" + (self.work / "partners.log").read_text()[-3000:])
+            self.urls = json.loads(line)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        with contextlib.suppress(Exception):
+            self._log.close()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def fanout(work: Path) -> list[Result]:
+    certs = init_certs(work / "pki")
+    (work / "farm").mkdir()
+    with PartnerFarm(work / "farm") as farm:
+        partners = "".join(partner_toml(f"partner-{i:02d}", partner_hcid(i), url, timeout=10)
+                           for i, url in enumerate(farm.urls))
+        (work / "ig").mkdir()
+        (work / "ig" / "xig.toml").write_text(gateway_toml(STATION_HCID, certs, extra=partners))
+        config = load_config(work / "ig" / "xig.toml")
+        directory = PartnerDirectory.from_config(config)
+        assert len(directory.partners("ITI-55")) == PARTNERS
+
+        me = psutil.Process()
+        cpu: list[float] = []
+
+        def once() -> float:
+            c0 = sum(me.cpu_times()[:2])
+            t0 = time.perf_counter()
+            res = anyio.run(lambda: discover_all(config, directory, DEMOGRAPHICS, local_patient_id="BENCH-1"))
+            wall = time.perf_counter() - t0
+            bad = {n: r.summary() for n, r in res.partners.items()
+                   if r.outcome is None or r.outcome.status != "no-match"}
+            if len(res.partners) != PARTNERS or bad:
+                raise RuntimeError(f"fan-out: {len(bad)} of {len(res.partners)} partners did not answer NF: "
+                                   f"{dict(list(bad.items())[:3])}")
+            cpu.append((sum(me.cpu_times()[:2]) - c0) * 1000)
+            return wall * 1000
+
+        warm = once()
+        with rad75.Contention() as other:
+            walls = [once() for _ in range(RUNS)]
+    slowest = latency_ms(PARTNERS - 1)
+    best, median = min(walls), statistics.median(walls)
+    _say(f"XCPD fan-out to {PARTNERS} partners ({latency_ms(0):.0f}–{slowest:.0f} ms): warm-up {warm:.0f} ms, "
+         f"runs {', '.join(f'{w:.0f}' for w in walls)} ms → best {best:.0f} ms (+{best - slowest:.0f} ms over the "
+         f"slowest), median {median:.0f} ms (+{median - slowest:.0f} ms); goal ≤ +150 ms; CPU of this process "
+         f"per run {', '.join(f'{c:.0f}' for c in cpu[1:])} ms ({other})")
+    name = f"XCPD fan-out, {PARTNERS} partners 100–500 ms, mTLS+SAML"
+    return [
+        # ratio = wall / slowest (the table's ratio is value / reference); reference/wall = 1 / ratio
+        Result(f"{name}: wall, best of {RUNS} / slowest partner", best, slowest, "ms"),
+        Result(f"{name}: wall, median of {RUNS} / slowest partner", median, slowest, "ms"),
+        Result(f"{name}: overhead over slowest, best of {RUNS} / goal 150 ms", best - slowest, 150.0, "ms"),
+    ]
+
+
+# -------------------------------------------------------------------------------------------------
+# Import station peak RSS on a 2 GB pull
+# -------------------------------------------------------------------------------------------------
+
+def _run_measured(cmd: list[str], cwd: Path, stdout: IO[bytes], stderr: IO[bytes],
+                  interval: float = 0.01) -> tuple[int, int, int, float]:
+    """Run ``cmd``; (exit code, kernel peak RSS, sampled peak RSS, seconds). Killed on any error."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            env={**os.environ, "COLUMNS": "200"})
+    sampled = hwm = 0
+    stop = threading.Event()
+    status_file = Path(f"/proc/{proc.pid}/status")
+
+    def sample() -> None:
+        nonlocal sampled, hwm
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            p = psutil.Process(proc.pid)
+            while not stop.is_set():
+                sampled = max(sampled, p.memory_info().rss)
+                # VmHWM: the kernel peak of the process's own (post-exec) memory, until its last sample
+                for line in status_file.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]) * 1024)
+                stop.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        # not ru_maxrss: with vfork/posix_spawn it includes this (parent) process's RSS at spawn time
+        _, status = os.waitpid(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(proc.pid, 0)
+        raise
+    finally:
+        stop.set()
+        thread.join(5)
+    return proc.returncode, hwm, sampled, time.perf_counter() - t0
+
+
+def _tree_bytes(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def pull_rss(orthanc: rad75.OrthancServer, work: Path, spec: rad75.StudySpec) -> list[Result]:
+    certs = init_certs(work / "pki")
+    # one Orthanc WADO-RS of the 2 GB study: the throughput reference
+    wado = rad75._wado_once(f"{orthanc.dicomweb_url}/studies/{spec.study_uid}", spec, work)
+    _say(f"reference: Orthanc WADO-RS of {spec.instances} instances {wado:.0f} MB/s")
+    with rad75.GatewayProcess(work / "responder", certs, rad75.pacs_section("dicomweb", orthanc), "last") as gw:
+        station = work / "station"
+        station.mkdir()
+        (station / "xig.toml").write_text(gateway_toml(
+            STATION_HCID, certs, extra=partner_toml("Bench community", rad75.HCID, gw.url, timeout=900,
+                                                    rad75_too=True)))
+        cli = [sys.executable, "-m", "gateway.cli"]
+        with (station / "help.out").open("wb") as out:
+            code, idle, _, _ = _run_measured([*cli, "--help"], station, out, subprocess.STDOUT)  # type: ignore[arg-type]
+        if code != 0:
+            raise RuntimeError(f"xig --help exited with {code}")
+        family, given = "Bench", "Ben"
+        cmd = [*cli, "pull-priors", "--config", str(station / "xig.toml"), "--family", family, "--given", given,
+               "--birth-date", "19600101", "--gender", "M", "--local-id", "BENCH-LOCAL-1", "--yes", "--json"]
+        try:
+            with (station / "pull.json").open("wb") as out, (station / "pull.log").open("wb") as err, \
+                    rad75.Contention() as other:
+                code, kernel, sampled, seconds = _run_measured(cmd, station, out, err)
+            summary = (station / "pull.json").read_text()
+            if code != 0:
+                tail = (station / "pull.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"pull-priors exited with {code}: {summary[-2000:]}\n{tail}")
+            counts = json.loads(summary)["counts"]
+            files, size = _tree_bytes(station / "pacs")
+        finally:
+            shutil.rmtree(station / "pacs", ignore_errors=True)  # the ~2.2 GB local PACS copy
+    peak = max(kernel, sampled)
+    mbps = size / MB / seconds
+    _say(f"pull-priors: {counts} ({files} files, {size / MB:,.0f} MB) in {seconds:.1f} s = {mbps:.0f} MB/s; "
+         f"peak RSS {peak / MB:.0f} MB (kernel {kernel / MB:.0f} MB, sampled {sampled / MB:.0f} MB); "
+         f"`xig --help` peak {idle / MB:.0f} MB ({other})")
+    what = f"pull-priors of {spec.mb / 1024:.1f} GB study (+{rad75.SMALL.mb:.0f} MB prior), DICOMweb responder"
+    return [Result(f"Import station peak RSS (goal < 300 MB), {what} / `xig --help`", peak / MB, idle / MB, "MB"),
+            Result(f"Import station throughput, {what} / Orthanc WADO-RS", mbps, wado, "MB/s")]
+
+
+def run() -> list[Result]:
+    t_start = time.perf_counter()
+    large = os.environ.get("XIG_BENCH_LARGE", "1").strip().lower() not in ("0", "no", "false", "off")
+    results: list[Result] = []
+    work = Path(tempfile.mkdtemp(prefix="xig-bench-initiating-"))
+    try:
+        results += fanout(work / "fanout")
+        if large:
+            with rad75._cache_dir() as cache, rad75.orthanc_with([rad75.SMALL, rad75.LARGE], cache) as orthanc:
+                (work / "pull").mkdir()
+                results += pull_rss(orthanc, work / "pull", rad75.LARGE)
+        else:
+            _say("XIG_BENCH_LARGE=0: the import station's 2 GB pull (peak RSS, throughput) is skipped")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _say(f"done in {time.perf_counter() - t_start:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve-partners"]:
+        serve_partners(Path(sys.argv[2]))
+    else:
+        for r in run():
+            print(f"{r.name}: {r.value:.1f} {r.unit} vs {r.reference:.1f} {r.unit} → ratio {r.ratio:.2f}")
