@@ -56,7 +56,7 @@ from gateway.security.tls import client_context
 from gateway.soap import mtom
 from gateway.web.client import SoapClient, SoapReply
 from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCAI_RETRIEVE
-from tests.orthanc import OrthancServer, free_port, orthanc_available
+from tests.orthanc import OrthancServer, free_port, orthanc_available, stop_process
 
 MB = 1024 * 1024
 RUNS = 3
@@ -279,13 +279,8 @@ class GatewayProcess:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()  # uvicorn: graceful shutdown
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        if proc is not None:
+            stop_process(proc)  # uvicorn: graceful shutdown first
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -60,6 +60,17 @@ def orthanc_available() -> bool:
     return ORTHANC_BINARY.exists() and DICOMWEB_PLUGIN.exists()
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """Terminate (graceful shutdown), then kill if it does not exit within ``timeout``; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
 class OrthancError(RuntimeError):
     pass
 
@@ -225,13 +236,7 @@ class OrthancServer:
             self._client = None
         proc, self.process = self.process, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=15)
+            stop_process(proc)
         if self._log is not None:
             self._log.close()
             self._log = None

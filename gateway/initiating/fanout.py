@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import anyio
 
@@ -45,6 +45,7 @@ ClientFactory = Callable[[Config, Partner, SoapClient], PartnerClient]
 #: extra seconds the fan-out waits beyond ``partner.timeout`` (the client enforces the timeout itself;
 #: this only catches time spent outside the exchange, e.g. signing under load)
 GRACE_SECONDS: Final = 0.5
+_R = TypeVar("_R")
 DEFAULT_MAX_CONCURRENCY: Final = 100  # a fan-out is one request per partner: queueing only adds latency
 
 
@@ -205,6 +206,25 @@ def _internal(partner: Partner, transaction: str, exc: Exception) -> PartnerErro
                         f"{type(exc).__name__}: {exc}", kind="internal")
 
 
+async def _guarded(partner: Partner, transaction: str, url: str | None,
+                   call: Callable[[], Awaitable[_R]]) -> tuple[_R | None, PartnerError | None, float]:
+    """Run one partner's exchange under its own deadline: ``(result, error, seconds)``, never raising.
+
+    One partner's failure, timeout or bug must never cancel or spoil the others of a fan-out.
+    """
+    t0 = time.monotonic()
+    try:
+        with anyio.fail_after(partner.timeout + GRACE_SECONDS):
+            return await call(), None, time.monotonic() - t0
+    except PartnerError as exc:
+        return None, exc, time.monotonic() - t0
+    except TimeoutError:
+        return None, PartnerError(partner.name, transaction, f"no answer within {partner.timeout:g} s (the "
+                                  "partner's timeout_seconds)", kind="timeout", url=url), time.monotonic() - t0
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        return None, _internal(partner, transaction, exc), time.monotonic() - t0
+
+
 async def discover_all(config: Config, directory: PartnerDirectory, demographics: PatientDemographics, *,
                        partners: Iterable[str | Partner] | None = None, local_patient_id: str | None = None,
                        soap_client: SoapClient | None = None, client_factory: ClientFactory = PartnerClient,
@@ -222,21 +242,10 @@ async def discover_all(config: Config, directory: PartnerDirectory, demographics
 
     async def one(slot: PartnerDiscovery, soap: SoapClient) -> None:
         async with limiter:
-            t0 = time.monotonic()
             p = slot.partner
-            try:
-                with anyio.fail_after(p.timeout + GRACE_SECONDS):
-                    client = client_factory(config, p, soap)
-                    slot.outcome = await client.discover(demographics, local_patient_id=local_patient_id)
-            except PartnerError as exc:
-                slot.error = exc
-            except TimeoutError:
-                slot.error = PartnerError(p.name, ITI55, f"no answer within {p.timeout:g} s (the partner's "
-                                          "timeout_seconds)", kind="timeout", url=p.xcpd_url)
-            except Exception as exc:  # noqa: BLE001 - one partner's failure must never cancel the others
-                slot.error = _internal(p, ITI55, exc)
-            finally:
-                slot.seconds = time.monotonic() - t0
+            slot.outcome, slot.error, slot.seconds = await _guarded(
+                p, ITI55, p.xcpd_url,
+                lambda: client_factory(config, p, soap).discover(demographics, local_patient_id=local_patient_id))
 
     async with _soap_client(config, soap_client) as soap, anyio.create_task_group() as tg:
         for slot in result.partners.values():
@@ -302,21 +311,10 @@ async def find_all(config: Config, communities: FanoutResult | Iterable[Communit
 
     async def one(slot: CommunityDocuments, partner: Partner, soap: SoapClient) -> None:
         async with limiter:
-            t0 = time.monotonic()
-            try:
-                with anyio.fail_after(partner.timeout + GRACE_SECONDS):
-                    client = client_factory(config, partner, soap)
-                    slot.entries = await client.find_manifests(slot.patient_id, slot.home_community_id,
-                                                               **query_changes)
-            except PartnerError as exc:
-                slot.error = exc
-            except TimeoutError:
-                slot.error = PartnerError(partner.name, ITI38, f"no answer within {partner.timeout:g} s (the "
-                                          "partner's timeout_seconds)", kind="timeout", url=partner.xca_query_url)
-            except Exception as exc:  # noqa: BLE001 - one community's failure must never cancel the others
-                slot.error = _internal(partner, ITI38, exc)
-            finally:
-                slot.seconds = time.monotonic() - t0
+            slot.entries, slot.error, slot.seconds = await _guarded(
+                partner, ITI38, partner.xca_query_url,
+                lambda: client_factory(config, partner, soap).find_manifests(slot.patient_id, slot.home_community_id,
+                                                                             **query_changes))
 
     if todo:
         async with _soap_client(config, soap_client) as soap, anyio.create_task_group() as tg:
