@@ -265,6 +265,62 @@ class PartnerSection(_Section):
         return v
 
 
+class AuditRepository(_Paths):
+    """One audit record repository (ATNA ARR) reached over syslog."""
+
+    #: ``tls``: RFC 5425 (octet-counted RFC 5424 frames over mutual TLS); ``udp``: RFC 5426.
+    transport: Literal["tls", "udp"] = "tls"
+    host: str = "127.0.0.1"
+    port: int = Field(default=6514, gt=0, lt=65536)
+    #: CA that signed the repository's certificate (default: the client trust store / server client_ca).
+    ca: Path | None = None
+    #: our client certificate for TLS (default: the client / server certificate).
+    certificate: Path | None = None
+    private_key: Path | None = None
+    name: str | None = None
+
+
+class AuditSection(_Section):
+    """ATNA audit trail: every transaction is stored locally and forwarded to the repositories."""
+
+    enabled: bool = True
+    #: AuditSourceID (default: the gateway name) and AuditEnterpriseSiteID (default: home community).
+    source_id: str | None = None
+    enterprise_site_id: str | None = None
+    #: syslog APP-NAME of the RFC 5424 header.
+    app_name: str = "xig"
+    repositories: list[AuditRepository] = Field(default_factory=list)
+    #: seconds between delivery attempts while a repository is unreachable.
+    retry_seconds: float = Field(default=5.0, gt=0)
+    #: messages sent per delivery batch.
+    batch_size: int = Field(default=200, gt=0)
+
+
+class LimitsSection(_Section):
+    """Concurrency limits: requests over a limit get a SOAP fault with busy semantics, never queue forever."""
+
+    max_concurrent_requests: int = Field(default=256, gt=0)
+    max_concurrent_per_partner: int = Field(default=64, gt=0)
+    max_concurrent_retrievals: int = Field(default=32, gt=0)  #: RAD-75 / ITI-39, all partners
+    max_concurrent_retrievals_per_partner: int = Field(default=8, gt=0)
+
+
+class ObservabilitySection(_Section):
+    metrics: bool = True  #: serve /metrics (Prometheus text format)
+    json_logs: bool = False  #: one JSON object per log line, with the wsa:MessageID as correlation id
+    tracing: bool = False  #: OpenTelemetry spans (needs the opentelemetry packages)
+    certificate_warn_days: int = Field(default=30, ge=0)
+
+
+class ConformanceSection(_Section):
+    """The test patient a conformance run expects the partner under test to know."""
+
+    family: str = ""
+    given: str = ""
+    birth_date: str = ""  #: YYYYMMDD
+    gender: Literal["M", "F", "O", "U", ""] = ""
+
+
 class Config(_Section):
     gateway: GatewaySection
     server: ServerSection
@@ -275,6 +331,10 @@ class Config(_Section):
     responder: ResponderSection = ResponderSection()
     import_: ImportSection = Field(default=ImportSection(), alias="import")
     partners: list[PartnerSection] = Field(default_factory=list)
+    audit: AuditSection = AuditSection()
+    limits: LimitsSection = LimitsSection()
+    observability: ObservabilitySection = ObservabilitySection()
+    conformance: ConformanceSection = ConformanceSection()
     #: directory of the config file (relative paths and sqlite URLs are resolved against it)
     base_dir: Path = Path(".")
 
