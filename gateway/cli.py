@@ -169,8 +169,13 @@ def _register_import_commands() -> None:
     from gateway.cli_import import register
     from gateway.cli_steps import register as register_steps
 
+    from gateway.cli_audit import register as register_audit
+    from gateway.cli_conformance import register as register_conformance
+
     register(app, _load)
     register_steps(app, _load)
+    register_audit(app, _load)
+    register_conformance(app, _load)
 
 
 _register_import_commands()
