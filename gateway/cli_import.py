@@ -37,8 +37,17 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
         raise typer.Exit(2)
     local = open_backends(cfg, engine)[0]
     progress = None if as_json else Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                             TextColumn("{task.fields[transferred]}"),
                                              console=console, transient=False)
-    tasks: dict[str, Any] = {}
+    tasks: dict[str, Any] = {}  # study UID -> task
+    communities: dict[str, Any] = {}  # homeCommunityId -> task
+    study_community: dict[str, str] = {}
+    transferred: dict[Any, int] = {}
+
+    def advance(task: Any, size: int) -> None:
+        assert progress is not None
+        transferred[task] = transferred.get(task, 0) + size
+        progress.update(task, advance=1, transferred=_bytes(transferred[task]))
 
     def report(event: str, data: dict[str, Any]) -> None:
         if as_json:
@@ -46,10 +55,18 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
             return
         assert progress is not None
         if event == "study":
+            community = data["community"]
+            if community not in communities:
+                communities[community] = progress.add_task(f"[bold]{community}[/]", total=0, transferred="")
+            progress.update(communities[community], total=progress.tasks[communities[community]].total
+                            + data["instances"])
+            study_community[data["study"]] = community
             tasks[data["study"]] = progress.add_task(
-                f"{data['community']} {data['description'] or data['study']}", total=data["instances"])
+                f"  {data['description'] or data['study']}", total=data["instances"], transferred="")
         elif event in ("stored", "failed") and data.get("study") in tasks:
-            progress.advance(tasks[data["study"]])
+            size = int(data.get("bytes", 0))
+            advance(tasks[data["study"]], size)
+            advance(communities[study_community[data["study"]]], size)
         elif event == "discovered":
             console.print(f"  {data['partner']}: {data['status']}")
 
@@ -58,6 +75,18 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
     finally:
         anyio.run(local.aclose)
         engine.dispose()
+
+
+def _bytes(n: int) -> str:
+    """1234567 → "1.2 MB" (decimal units, as rich's download columns)."""
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("kB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000 or unit == "TB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def _table(result: PullResult) -> Table:

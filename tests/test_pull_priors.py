@@ -114,16 +114,17 @@ async def test_interrupted_job_resumes_without_duplicates(world: Any) -> None:
         job = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=progress)
         found = await job.discover(REQUEST)
         await job.run(found.job_id)
-    assert len(stored_first) == 3
+    # the cancel lands inside a stored batch (2 per request): the rest of that batch is recorded, no more
+    assert len(stored_first) in (3, 4)
     counts = SqlJobStore(engine).counts(found.job_id)
-    assert counts["stored"] == 3 and counts["pending"] == 7
+    assert counts["stored"] == len(stored_first) and counts["pending"] == 10 - len(stored_first)
 
     stored_again: list[str] = []
     resumed = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local,
                          progress=lambda e, d: stored_again.append(d["sop"]) if e == "stored" else None)
     result = await resumed.run(found.job_id)
     assert result.complete and result.counts == {"stored": 10}
-    assert not set(stored_again) & set(stored_first) and len(stored_again) == 7  # nothing fetched twice
+    assert not set(stored_again) & set(stored_first) and len(stored_again) == 10 - len(stored_first)  # none twice
     assert [(p.patient.PatientID, p.instances) for p in local.list_patients()] == [("LOCAL-5", 10)]
 
 

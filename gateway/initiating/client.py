@@ -38,13 +38,14 @@ Timeouts
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import functools
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -60,12 +61,15 @@ from gateway.ihe.iti39 import DocumentRequest, RetrievedDocument
 from gateway.ihe.iti55 import PatientDemographics
 from gateway.ihe.registry import RegistryError, RegistryErrorCode, split_location
 from gateway.initiating.partners import ITI38, ITI39, ITI55, RAD75, URL_FIELDS, Partner
-from gateway.security.outbound import security_header
+from gateway.security.outbound import default_identity, security_header
 from gateway.security.saml import UserIdentity
 from gateway.security.tls import client_context, describe_tls_error
 from gateway.soap import mtom, ns
 from gateway.web.client import SoapClient, SoapReply, TransportError
 from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCAI_RETRIEVE, XCPD, Endpoint
+
+if TYPE_CHECKING:
+    from gateway.audit.auditor import Auditor
 
 FailureKind = Literal["no-endpoint", "unreachable", "tls", "timeout", "connection", "fault", "http", "protocol",
                       "internal"]
@@ -381,11 +385,12 @@ class PartnerClient:
     """ITI-55 / ITI-38 / ITI-39 / RAD-75 towards one partner over a shared :class:`SoapClient`."""
 
     def __init__(self, config: Config, partner: Partner, soap_client: SoapClient, *,
-                 identity: UserIdentity | None = None) -> None:
+                 identity: UserIdentity | None = None, auditor: Auditor | None = None) -> None:
         self.config = config
         self.partner = partner
         self.soap = soap_client
         self.identity = identity
+        self.auditor = auditor
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -402,8 +407,30 @@ class PartnerClient:
 
     async def _exchange(self, transaction: str, body: etree._Element, *, use_mtom: bool = False,
                         sink_factory: SinkFactory | None = None, deadline: bool = True) -> SoapReply:
-        """Sign, send, receive and check one request. ``deadline``: ``partner.timeout`` bounds the whole
-        exchange; otherwise it bounds connecting and each wait for data only."""
+        """Sign, send, receive, check and audit one request. ``deadline``: ``partner.timeout`` bounds the
+        whole exchange; otherwise it bounds connecting and each wait for data only."""
+        when = dt.datetime.now(dt.UTC)
+        reply: SoapReply | None = None
+        try:
+            reply = await self._send(transaction, body, use_mtom=use_mtom, sink_factory=sink_factory,
+                                     deadline=deadline)
+        except PartnerError as exc:
+            self._audit(transaction, body, None, str(exc), when)
+            raise
+        self._audit(transaction, body, reply.body, None, when)
+        return reply
+
+    def _audit(self, transaction: str, body: etree._Element, response: etree._Element | None, error: str | None,
+               when: dt.datetime) -> None:
+        if self.auditor is None:
+            return
+        url = self.partner.url(transaction) or ""
+        self.auditor.outbound(transaction=transaction, url=url, community=self.partner.home_community_id,
+                              identity=self.identity or default_identity(self.config, self.partner.security_section()),
+                              request=body, response=response, error=error, when=when)
+
+    async def _send(self, transaction: str, body: etree._Element, *, use_mtom: bool,
+                    sink_factory: SinkFactory | None, deadline: bool) -> SoapReply:
         endpoint = ENDPOINTS[transaction]
         url = self._url(transaction)
         timeout = self.partner.timeout

@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from pydicom import dcmread
@@ -31,11 +31,15 @@ from gateway.ihe.ebrim import DCM_OID, DocumentEntry
 from gateway.ihe.iti55 import PatientDemographics, PersonName
 from gateway.initiating.client import ImageRequest, PartnerClient, RetrievedManifest, open_soap_client
 from gateway.initiating.fanout import CommunityDocuments, discover_all, find_all
-from gateway.initiating.partners import PartnerDirectory
-from gateway.pacs.base import PacsBackend
+from gateway.initiating.partners import Partner, PartnerDirectory
+from gateway.pacs.base import PacsBackend, PacsError
 from gateway.soap import mtom
 from gateway.store.jobs import JobInstance, JobStudy, SqlJobStore
 from gateway.store.ledger import SqlPatientLinks
+from gateway.web.client import SoapClient
+
+if TYPE_CHECKING:
+    from gateway.audit.auditor import Auditor
 
 log = logging.getLogger("xig.pull")
 
@@ -79,8 +83,10 @@ class PullResult:
 
 class PullPriors:
     def __init__(self, config: Config, store: SqlJobStore, links: SqlPatientLinks, local_pacs: PacsBackend,
-                 directory: PartnerDirectory | None = None, progress: Progress = _quiet) -> None:
+                 directory: PartnerDirectory | None = None, progress: Progress = _quiet,
+                 auditor: Auditor | None = None) -> None:
         self.config = config
+        self.auditor = auditor
         self.store = store
         self.links = links
         self.pacs = local_pacs
@@ -91,6 +97,9 @@ class PullPriors:
         self.directory = directory
         self.progress = progress
 
+    def _client(self, config: Config, partner: Partner, soap: SoapClient) -> PartnerClient:
+        return PartnerClient(config, partner, soap, auditor=self.auditor)
+
     # -- discover & query ------------------------------------------------------------------------------
     async def discover(self, request: PullRequest) -> PullResult:
         job = self.store.create("pull-priors", request.__dict__ | {"partners": list(request.partners)})
@@ -100,7 +109,7 @@ class PullPriors:
         async with open_soap_client(self.config) as soap:
             fan = await discover_all(self.config, self.directory, request.demographics(),
                                      partners=request.partners or None, local_patient_id=request.local_id,
-                                     soap_client=soap)
+                                     soap_client=soap, client_factory=self._client)
             result.errors += [str(err) for err in fan.errors.values()]
             for name, outcome in fan.outcomes.items():
                 self.progress("discovered", {"partner": name, "status": outcome.status})
@@ -110,7 +119,7 @@ class PullPriors:
                                         local_assigning_authority=self.config.gateway.assigning_authority,
                                         remote_home_community_id=c.home_community_id, remote_patient_id=pid.id,
                                         remote_assigning_authority=pid.assigning_authority)
-            docs = await find_all(self.config, fan, soap_client=soap)
+            docs = await find_all(self.config, fan, soap_client=soap, client_factory=self._client)
             result.errors += [str(e) for e in docs.errors]
             # one ITI-39 exchange per (community, patient id) query: batched by the partner's limit
             batches: dict[int, tuple[CommunityDocuments, list[DocumentEntry]]] = {}
@@ -120,7 +129,7 @@ class PullPriors:
             for found, entries in batches.values():
                 partner = found.partner
                 assert partner is not None
-                client = PartnerClient(self.config, partner, soap)
+                client = self._client(self.config, partner, soap)
                 for m in await client.retrieve_manifests(entries):
                     if m.kos is None:
                         result.errors.append(f"{partner.name}: manifest {m.entry.unique_id}: "
@@ -209,7 +218,7 @@ class PullPriors:
         cx = ebrim.parse_cx(study.remote_patient_id)
         expected = Expected(cx.id, [study.study_instance_uid], cx.assigning_authority or None)
         policy = self._policy(study.home_community_id)
-        client = PartnerClient(self.config, partner, soap)
+        client = self._client(self.config, partner, soap)
         size = partner.max_documents_per_request
         for start in range(0, len(pending), size):
             batch = pending[start:start + size]
@@ -217,37 +226,62 @@ class PullPriors:
                                   i.series_instance_uid, i.sop_instance_uid) for i in batch]
             outcome = await client.retrieve_images(items, sink_factory=lambda _: mtom.FileSink(spool, durable=False),
                                                    transfer_syntaxes=self.config.import_.transfer_syntaxes)
+            ready: list[tuple[JobInstance, Path]] = []
             for inst in batch:
                 r = outcome.results.get(inst.sop_instance_uid)
                 if r is None or not r.ok:
                     reason = f"{r.error_code}: {r.error_context}" if r else "not answered"
-                    self.store.mark(job_id, inst.sop_instance_uid, "failed", error=reason)
-                    result.errors.append(f"{inst.sop_instance_uid}: {reason}")
-                    self.progress("failed", {"sop": inst.sop_instance_uid, "reason": reason})
+                    self._failed(job_id, inst, reason, result)
                     continue
-                await self._store_one(job_id, inst, Path(r.delivered), local, expected, policy, result)
+                path = Path(r.delivered)
+                if await self._reconcile(job_id, inst, path, local, expected, policy, result):
+                    ready.append((inst, path))
+            await self._store(job_id, ready, result)
         states = {i.state for i in self.store.instances(job_id)
                   if i.study_instance_uid == study.study_instance_uid}
         done = states == {"stored"}
         self.store.set_study(job_id, study.home_community_id, study.study_instance_uid,
                              state="imported" if done else "failed")
 
-    async def _store_one(self, job_id: str, inst: JobInstance, path: Path, local: LocalPatient,
-                         expected: Expected, policy: ReconcilePolicy, result: PullResult) -> None:
+    def _failed(self, job_id: str, inst: JobInstance, reason: str, result: PullResult) -> None:
+        self.store.mark(job_id, inst.sop_instance_uid, "failed", error=reason)
+        result.errors.append(f"{inst.sop_instance_uid}: {reason}")
+        self.progress("failed", {"sop": inst.sop_instance_uid, "study": inst.study_instance_uid, "reason": reason})
+
+    async def _reconcile(self, job_id: str, inst: JobInstance, path: Path, local: LocalPatient,
+                         expected: Expected, policy: ReconcilePolicy, result: PullResult) -> bool:
+        """Check the received file is the instance asked for and rewrite it to local identifiers in place."""
         try:
             sop = await anyio.to_thread.run_sync(lambda: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
             if sop != inst.sop_instance_uid:
                 raise ReconcileError(f"asked for instance {inst.sop_instance_uid}, received {sop}: refused")
             await anyio.to_thread.run_sync(lambda: reconcile_file(path, path, local, expected, policy))
-            stored = await self.pacs.store([path])
-            if inst.sop_instance_uid not in stored.stored:
-                raise ReconcileError(stored.failed.get(inst.sop_instance_uid, "the local PACS refused it"))
-        except (ReconcileError, OSError) as exc:
-            self.store.mark(job_id, inst.sop_instance_uid, "failed", error=str(exc))
-            result.errors.append(f"{inst.sop_instance_uid}: {exc}")
-            self.progress("failed", {"sop": inst.sop_instance_uid, "reason": str(exc)})
+        except (ReconcileError, OSError, ValueError) as exc:
+            path.unlink(missing_ok=True)
+            self._failed(job_id, inst, str(exc), result)
+            return False
+        return True
+
+    async def _store(self, job_id: str, ready: Sequence[tuple[JobInstance, Path]], result: PullResult) -> None:
+        """Store one batch of reconciled files in the local PACS in one call (one STOW-RS request or one
+        association), then record each instance's state; the spooled files are removed either way."""
+        if not ready:
+            return
+        sizes = {inst.sop_instance_uid: path.stat().st_size for inst, path in ready}
+        try:
+            stored = await self.pacs.store([path for _, path in ready])
+        except PacsError as exc:
+            for inst, _ in ready:
+                self._failed(job_id, inst, f"the local PACS failed: {exc}", result)
             return
         finally:
-            path.unlink(missing_ok=True)
-        self.store.mark(job_id, inst.sop_instance_uid, "stored", size=0)
-        self.progress("stored", {"sop": inst.sop_instance_uid, "study": inst.study_instance_uid})
+            for _, path in ready:
+                path.unlink(missing_ok=True)
+        for inst, _ in ready:
+            if inst.sop_instance_uid not in stored.stored:
+                self._failed(job_id, inst, stored.failed.get(inst.sop_instance_uid, "the local PACS refused it"),
+                             result)
+                continue
+            size = sizes[inst.sop_instance_uid]
+            self.store.mark(job_id, inst.sop_instance_uid, "stored", size=size)
+            self.progress("stored", {"sop": inst.sop_instance_uid, "study": inst.study_instance_uid, "bytes": size})

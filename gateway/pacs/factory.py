@@ -12,6 +12,7 @@ of every retrieve as failed, with a message saying so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
@@ -21,7 +22,19 @@ from gateway.pacs.dicomweb import DicomwebBackend
 from gateway.pacs.dimse import DimseBackend
 from gateway.pacs.filesystem import FilesystemBackend
 
-__all__ = ["backend_for_source", "open_backend", "open_backends"]
+if TYPE_CHECKING:
+    from gateway.audit.auditor import Auditor
+
+__all__ = ["backend_for_source", "open_backend", "open_backends", "pacs_label"]
+
+
+def pacs_label(entry: DimsePacs | DicomwebPacs | FilesystemPacs) -> str:
+    """How the PACS is named in audit messages and logs: AE title and address, URL or folder."""
+    if isinstance(entry, DimsePacs):
+        return f"{entry.called_ae}@{entry.host}:{entry.port}"
+    if isinstance(entry, DicomwebPacs):
+        return entry.url
+    return str(entry.path)
 
 
 def open_backend(entry: DimsePacs | DicomwebPacs | FilesystemPacs, *, source_id: str, engine: Engine,
@@ -39,8 +52,11 @@ def open_backend(entry: DimsePacs | DicomwebPacs | FilesystemPacs, *, source_id:
     raise TypeError(f"unknown PACS entry {entry!r}")
 
 
-def open_backends(config: Config, engine: Engine) -> list[PacsBackend]:
-    """One backend per ``[pacs]`` entry, in configuration order; :class:`ConfigError` on duplicate source ids."""
+def open_backends(config: Config, engine: Engine, *, auditor: Auditor | None = None) -> list[PacsBackend]:
+    """One backend per ``[pacs]`` entry, in configuration order; :class:`ConfigError` on duplicate source ids.
+
+    With ``auditor`` every backend is wrapped so its calls are audited (:class:`~gateway.pacs.audited.AuditedPacs`).
+    """
     problems: list[str] = []
     seen: dict[str, int] = {}
     plan: list[tuple[DimsePacs | DicomwebPacs | FilesystemPacs, str]] = []
@@ -59,7 +75,12 @@ def open_backends(config: Config, engine: Engine) -> list[PacsBackend]:
         plan.append((entry, source_id))
     if problems:
         raise ConfigError("pacs", problems)
-    return [open_backend(entry, source_id=source_id, engine=engine) for entry, source_id in plan]
+    backends = [open_backend(entry, source_id=source_id, engine=engine) for entry, source_id in plan]
+    if auditor is None:
+        return backends
+    from gateway.pacs.audited import AuditedPacs
+
+    return [AuditedPacs(b, auditor, pacs_label(entry)) for b, (entry, _) in zip(backends, plan, strict=True)]
 
 
 def backend_for_source(backends: Sequence[PacsBackend], source_id: str) -> PacsBackend | None:

@@ -36,7 +36,7 @@ from gateway.ihe import iti39, rad75
 from gateway.ihe.iti39 import DocumentRequest, DocumentResult, Outcome
 from gateway.pacs.base import InstanceRef, PacsBackend, PacsError, RetrievedInstance, RetrieveFailure
 from gateway.responding.community import Community
-from gateway.responding.ports import Ledger
+from gateway.responding.ports import Ledger, SecurityAlerts
 from gateway.security.saml import VerifiedIdentity
 from gateway.soap import mtom
 
@@ -66,10 +66,12 @@ class _Plan:
 
 
 class ImagingService:
-    def __init__(self, config: Config, community: Community, ledger: Ledger) -> None:
+    def __init__(self, config: Config, community: Community, ledger: Ledger,
+                 alerts: SecurityAlerts | None = None) -> None:
         self.config = config
         self.community = community
         self.ledger = ledger
+        self.alerts = alerts
 
     # -- planning -------------------------------------------------------------------------------------
     async def plan(self, request: rad75.ImagingRetrieveRequest, identity: VerifiedIdentity) -> _Plan:
@@ -94,12 +96,11 @@ class ImagingService:
         uids = [c[3].document_unique_id for c in candidates]
         allowed = await anyio.to_thread.run_sync(
             lambda: self.ledger.authorized(uids, identity.home_community_id, window))
+        refused: list[tuple[str, str]] = []
+        hours = self.config.responder.rad75_authorization_hours
         for index, study, series, doc in candidates:
             if doc.document_unique_id not in allowed:
-                log.warning("RAD-75 refused: %s (%s) asked for %s, not in a manifest delivered to it in the last %sh",
-                            identity.audit_user_name, identity.home_community_id, doc.document_unique_id,
-                            self.config.responder.rad75_authorization_hours)
-                hours = self.config.responder.rad75_authorization_hours
+                refused.append((study, doc.document_unique_id))
                 plan.outcomes[index] = iti39.unknown_document(
                     doc, f"instance {doc.document_unique_id} is not referenced by any manifest delivered to community "
                          f"{identity.home_community_id} in the last {hours:g} h "
@@ -107,6 +108,13 @@ class ImagingService:
                 continue
             plan.fetch.setdefault(doc.repository_unique_id, []).append(
                 (index, InstanceRef(study, series, doc.document_unique_id)))
+        if refused:
+            reason = (f"RAD-75 asked for {len(refused)} instance(s) not in a manifest delivered to "
+                      f"{identity.home_community_id} in the last {hours:g} h")
+            log.warning("RAD-75 refused: %s (%s): %s: %s", identity.audit_user_name, identity.home_community_id,
+                        reason, ", ".join(uid for _, uid in refused[:10]))
+            if self.alerts is not None:
+                self.alerts.uid_guess(identity, refused, reason=reason)
         return plan
 
     # -- retrieval -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from gateway.security.saml import VerifiedIdentity
 from gateway.store.ledger import EntryRecord
 
 
@@ -26,3 +27,10 @@ class Ledger(Protocol):
 class PatientLinks(Protocol):
     def remember(self, *, local_patient_id: str, local_assigning_authority: str, remote_home_community_id: str,
                  remote_patient_id: str | None = None, remote_assigning_authority: str | None = None) -> None: ...
+
+
+class SecurityAlerts(Protocol):
+    """Where the responding services report security-relevant refusals (an ATNA Security Alert)."""
+
+    def uid_guess(self, identity: VerifiedIdentity, refused: Sequence[tuple[str, str]], *,
+                  peer_host: str | None = None, reason: str) -> None: ...
