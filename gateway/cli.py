@@ -166,11 +166,10 @@ def demo(
 
 
 def _register_import_commands() -> None:
-    from gateway.cli_import import register
-    from gateway.cli_steps import register as register_steps
-
     from gateway.cli_audit import register as register_audit
     from gateway.cli_conformance import register as register_conformance
+    from gateway.cli_import import register
+    from gateway.cli_steps import register as register_steps
 
     register(app, _load)
     register_steps(app, _load)
