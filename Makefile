@@ -4,9 +4,9 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 PIP   := $(VENV)/bin/pip
 XIG   := $(VENV)/bin/xig
-DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools xmlsec1
+DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools xmlsec1 postgresql rsyslog rsyslog-gnutls
 # the binaries those packages provide, to tell whether they are installed already
-DEB_BINARIES := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/storescu /usr/bin/dciodvfy /usr/bin/xmlsec1
+DEB_BINARIES := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/storescu /usr/bin/dciodvfy /usr/bin/xmlsec1 /usr/lib/postgresql/15/bin/initdb /usr/sbin/rsyslogd /usr/lib/*/rsyslog/lmnsd_gtls.so
 
 .PHONY: install system-deps demo test lint typecheck bench clean
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from bench import initiating, rad75, transport
+from bench import initiating, load, rad75, transport
 
 
 def main() -> None:
     table = Table(title="XIG benchmarks (ratio = XIG / reference measured in the same run, loopback)")
     for col in ("benchmark", "XIG", "reference", "ratio"):
         table.add_column(col)
-    for r in (*transport.run(), *rad75.run(), *initiating.run()):
+    for r in (*transport.run(), *rad75.run(), *initiating.run(), *load.run()):
         table.add_row(r.name, f"{r.value:,.1f} {r.unit}", f"{r.reference:,.1f} {r.unit}", f"{r.ratio:.2f}")
     Console().print(table)
 

@@ -138,17 +138,53 @@ def pacs_ls(config: ConfigOption, pacs: PacsName = None,
 
 @app.command("serve")
 def serve(config: ConfigOption,
-          verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+          verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+          workers: Annotated[int, typer.Option("--workers", "-w", min=1,
+                                               help="worker processes sharing the listening socket and the "
+                                                    "database (use a SQLite file or PostgreSQL)")] = 1) -> None:
     """Run the gateway (HTTPS with mutual TLS) until interrupted."""
     from gateway.soap.schema import default_schemas
     from gateway.web.server import serve as run
 
     cfg = _load(config)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if workers > 1:
+        _serve_workers(cfg, workers, verbose)
+        return
+    from gateway.logs import configure_logging
+
+    configure_logging(cfg.observability.json_logs, logging.DEBUG if verbose else logging.INFO)
     default_schemas().warm()
     console.print(f"XIG serving community {cfg.gateway.home_community_id} on https://{cfg.server.listen}")
     run(cfg)
+
+
+def _serve_workers(cfg: Config, workers: int, verbose: bool) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.web.workers import WorkerError, WorkerPool, serve_workers
+
+    level = "debug" if verbose else "info"
+    from gateway.logs import WORKER_TEXT_FORMAT, configure_logging
+
+    configure_logging(cfg.observability.json_logs, logging.DEBUG if verbose else logging.INFO,
+                      text_format=WORKER_TEXT_FORMAT)
+
+    def ready(pool: WorkerPool) -> None:
+        console.print(f"XIG serving community {cfg.gateway.home_community_id} on {pool.url} with {workers} worker "
+                      f"processes ({', '.join(map(str, pool.pids))})")
+
+    def replaced(pool: WorkerPool, dead: list[tuple[int | None, int | None]]) -> None:
+        console.print(f"replaced worker(s) {', '.join(f'{pid} (exit code {code})' for pid, code in dead)}; "
+                      f"workers now {', '.join(map(str, pool.pids))}")
+
+    try:
+        serve_workers(cfg, workers, log_level=level, on_ready=ready, on_replaced=replaced)
+    except WorkerError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    except SQLAlchemyError as exc:
+        err.print(f"[red]database {cfg.database.url.split('@')[-1]} is not usable: {str(exc).splitlines()[0]}[/]")
+        raise typer.Exit(1) from None
 
 
 @app.command("demo")

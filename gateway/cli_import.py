@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from gateway.config import Config
-from gateway.initiating.pull import PullPriors, PullRequest, PullResult
+from gateway.initiating.pull import JobBusyError, PullPriors, PullRequest, PullResult
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Durable import jobs: list, show, resume.")
 partners_app = typer.Typer(no_args_is_help=True, help="Partner communities: import a FHIR directory, list.")
@@ -35,7 +35,11 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
     if not cfg.pacs:
         err.print("[red]this configuration has no [pacs] to import into[/]")
         raise typer.Exit(2)
-    local = open_backends(cfg, engine)[0]
+    from gateway.audit.assembly import audit_session
+
+    audit = ExitStack()  # closed in the finally below, after the local PACS
+    auditor = audit.enter_context(audit_session(cfg, engine))
+    local = open_backends(cfg, engine, auditor=auditor)[0]
     progress = None if as_json else Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                              TextColumn("{task.fields[transferred]}"),
                                              console=console, transient=False)
@@ -71,9 +75,11 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
             console.print(f"  {data['partner']}: {data['status']}")
 
     try:
-        yield PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=report), progress
+        yield PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=report,
+                         auditor=auditor), progress
     finally:
         anyio.run(local.aclose)
+        audit.close()
         engine.dispose()
 
 
@@ -131,11 +137,15 @@ def pull_priors(cfg: Config, request: PullRequest, *, yes: bool, as_json: bool) 
 
 
 def _run(service: PullPriors, progress: Progress | None, job_id: str, *, as_json: bool) -> int:
-    if progress is not None:
-        with progress:
+    try:
+        if progress is not None:
+            with progress:
+                result = anyio.run(service.run, job_id)
+        else:
             result = anyio.run(service.run, job_id)
-    else:
-        result = anyio.run(service.run, job_id)
+    except JobBusyError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
     if as_json:
         print(_as_json(result))
     else:

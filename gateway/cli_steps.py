@@ -109,6 +109,8 @@ def _partner(directory: PartnerDirectory, name: str) -> Partner:
 def _run(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]]) -> _T:
     """Run ``work`` with a SOAP client made from the configuration; closed afterwards."""
 
+    from gateway.audit.assembly import audit_session
+
     async def main() -> _T:
         soap = open_soap_client(cfg)
         try:
@@ -116,7 +118,8 @@ def _run(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]]) -> _T:
         finally:
             await soap.aclose()
 
-    return anyio.run(main)
+    with audit_session(cfg):  # every request to a partner is audited (ATNA)
+        return anyio.run(main)
 
 
 def _partner_failure(exc: PartnerError, as_json: bool) -> NoReturn:

@@ -303,12 +303,13 @@ class LimitsSection(_Section):
     max_concurrent_per_partner: int = Field(default=64, gt=0)
     max_concurrent_retrievals: int = Field(default=32, gt=0)  #: RAD-75 / ITI-39, all partners
     max_concurrent_retrievals_per_partner: int = Field(default=8, gt=0)
+    #: seconds a refused partner is told to wait (Retry-After header and the busy answer's text)
+    retry_after_seconds: int = Field(default=5, gt=0, le=3600)
 
 
 class ObservabilitySection(_Section):
     metrics: bool = True  #: serve /metrics (Prometheus text format)
     json_logs: bool = False  #: one JSON object per log line, with the wsa:MessageID as correlation id
-    tracing: bool = False  #: OpenTelemetry spans (needs the opentelemetry packages)
     certificate_warn_days: int = Field(default=30, ge=0)
 
 

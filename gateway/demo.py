@@ -13,6 +13,7 @@ import asyncio
 import shutil
 import socket
 import ssl
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -243,10 +244,15 @@ async def pull_from(responder: Config, url: str, workdir: Path, console: Console
     (station / "xig.toml").write_text(IMPORT_STATION.format(certs=responder.saml.trusted_issuers.parent,
                                                             hcid=responder.gateway.home_community_id, url=url))
     cfg = load_config(station / "xig.toml")
+    from gateway.audit.assembly import audit_session
+    from gateway.store.audit import SqlAuditStore
+
     engine = open_database(cfg.database.url, cfg.base_dir)
-    local = open_backends(cfg, engine)[0]
+    audit = ExitStack()
+    auditor = audit.enter_context(audit_session(cfg, engine))
+    local = open_backends(cfg, engine, auditor=auditor)[0]
     try:
-        service = PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local)
+        service = PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, auditor=auditor)
         request = PullRequest("DOE", "Dana", "19700405", "F", local_id="A-555")
         found = await service.discover(request)
         table = Table("Community", "Date", "Modality", "Description", "Instances", title="prior studies found")
@@ -262,9 +268,16 @@ async def pull_from(responder: Config, url: str, workdir: Path, console: Console
         _ok(console, ok, f"imported {stored} instances of {len(result.studies)} studies into community A's PACS as "
                          f"patient A-555 (reconciled; originals kept in Original Attributes Sequence); "
                          f"job {found.job_id[:8]}")
-        return ok
+        events: dict[str, int] = {}
+        for row in SqlAuditStore(engine).query():
+            events[row.summary.event] = events.get(row.summary.event, 0) + 1
+        audited = ", ".join(f"{n} {e}" for e, n in sorted(events.items()))
+        _ok(console, bool(events), f"community A audited every exchange (ATNA, DICOM PS3.15): {audited} — "
+                                   f"`xig audit ls --config {station / 'xig.toml'}`")
+        return ok and bool(events)
     finally:
         await local.aclose()
+        audit.close()
         engine.dispose()
 
 

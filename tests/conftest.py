@@ -12,6 +12,8 @@ from gateway.config import Config, load_config
 from gateway.security.certs import CertSet, init_certs
 from tests.orthanc import orthanc_fixture
 
+pytest_plugins = ["tests.postgres"]  # the postgres / pg_url fixtures (a real PostgreSQL)
+
 #: one real Orthanc (DIMSE + DICOMweb) for the whole session; tests use their own patients and UIDs
 orthanc = orthanc_fixture()
 

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import Config, load_config
 from gateway.dicom.synth import SyntheticStudy, make_study
-from gateway.initiating.pull import PullPriors, PullRequest
+from gateway.initiating.pull import JobBusyError, PullPriors, PullRequest
 from gateway.pacs.factory import open_backends
 from gateway.security.certs import CertSet
 from gateway.store.db import open_database
@@ -236,3 +236,16 @@ async def test_import_into_a_real_orthanc(world: Any, tmp_path: Path, pki: CertS
         instances = r.json()
     assert len(instances) == 10
     assert all(i["00100010"]["Value"][0]["Alphabetic"] == "RIVERA^Ana" for i in instances)
+
+
+async def test_a_job_run_by_another_process_is_refused(world: Any) -> None:
+    a, engine, local, _ = world
+    job = PullPriors(a, SqlJobStore(engine), SqlPatientLinks(engine), local)
+    found = await job.discover(REQUEST)
+    claim = SqlJobStore(engine).claim(found.job_id)  # another worker holds it (a file lock beside the database)
+    assert claim is not None
+    with claim, pytest.raises(JobBusyError, match="being run by another process"):
+        await job.run(found.job_id)
+    assert SqlJobStore(engine).counts(found.job_id) == {"pending": 10}  # nothing imported meanwhile
+    result = await job.run(found.job_id)  # released: it runs
+    assert result.complete

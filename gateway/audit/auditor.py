@@ -40,6 +40,9 @@ from gateway.security.saml import UserIdentity, VerifiedIdentity, audit_user_nam
 
 log = logging.getLogger("xig.audit")
 
+#: The auditor of outgoing requests for code that passes none (see :func:`gateway.audit.assembly.audit_session`).
+outbound_auditor: ContextVar[Auditor | None] = ContextVar("xig_outbound_auditor", default=None)
+
 #: The SAML user of the request being served, for audits of the PACS legs made on its behalf.
 current_requestor: ContextVar[events.Requestor | None] = ContextVar("xig_audit_requestor", default=None)
 

@@ -390,6 +390,10 @@ class PartnerClient:
         self.partner = partner
         self.soap = soap_client
         self.identity = identity
+        if auditor is None:
+            from gateway.audit.auditor import outbound_auditor
+
+            auditor = outbound_auditor.get()
         self.auditor = auditor
 
     # -- plumbing -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pydicom import dcmread
 
 from gateway.config import Config
 from gateway.dicom.reconcile import Expected, LocalPatient, ReconcileError, ReconcilePolicy, reconcile_file
+from gateway.errors import XigError
 from gateway.ihe import ebrim
 from gateway.ihe.ebrim import DCM_OID, DocumentEntry
 from gateway.ihe.iti55 import PatientDemographics, PersonName
@@ -79,6 +80,10 @@ class PullResult:
     def complete(self) -> bool:
         selected = [s for s in self.studies if s.selected]
         return bool(selected) and all(s.state == "imported" for s in selected)
+
+
+class JobBusyError(XigError):
+    """The job is being run by another process (its claim is held)."""
 
 
 class PullPriors:
@@ -180,10 +185,20 @@ class PullPriors:
         return path
 
     async def run(self, job_id: str) -> PullResult:
-        """Import every pending instance of the selected studies (also what ``resume`` runs)."""
+        """Import every pending instance of the selected studies (also what ``resume`` runs).
+
+        The job is run under its claim (:meth:`SqlJobStore.claim`): a second process resuming the same job
+        at the same time gets :class:`JobBusyError` instead of importing the same instances twice."""
         record = self.store.get(job_id)
         if record is None:
             raise KeyError(job_id)
+        claim = self.store.claim(job_id)
+        if claim is None:
+            raise JobBusyError(f"job {job_id} is being run by another process; try again when it has finished")
+        with claim:
+            return await self._run(job_id, record)
+
+    async def _run(self, job_id: str, record: Any) -> PullResult:
         request = PullRequest(**{k: v for k, v in record.params.items() if k != "partners"},
                               partners=tuple(record.params.get("partners", ())))
         local = request.local_patient(self.config)

@@ -351,6 +351,9 @@ class DimseBackend:
         self._receiver: _MoveReceiver | None = None
         self._threads: set[threading.Thread] = set()
         self._active: set[tuple[_Channel, MemoryObjectReceiveStream[Item]]] = set()
+        #: associations currently open (the ``xig_pacs_open_associations`` gauge reads it)
+        self.open_associations = 0
+        self._assoc_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"DimseBackend({self.called_ae}@{self.host}:{self.port}, {self.retrieve_method}, " \
@@ -390,9 +393,13 @@ class DimseBackend:
                              evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), *handlers])
         if not assoc.is_established:
             raise PacsError(f"PACS {self._peer}: {self._why_not(assoc)}")
+        with self._assoc_lock:
+            self.open_associations += 1
         try:
             yield assoc
         finally:
+            with self._assoc_lock:
+                self.open_associations -= 1
             if assoc.is_established:
                 try:
                     assoc.release()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from gateway.audit.auditor import Auditor
+from gateway.audit.trail import AuditTrail
 from gateway.config import Config, FilesystemPacs
 from gateway.pacs.factory import open_backends
 from gateway.responding.community import Community
@@ -28,6 +30,8 @@ class RespondingServices:
     query: QueryService
     retrieve: RetrieveService
     imaging: ImagingService
+    trail: AuditTrail
+    auditor: Auditor
 
     @classmethod
     def open(cls, config: Config) -> RespondingServices:
@@ -35,14 +39,18 @@ class RespondingServices:
         if not config.pacs:  # the embedded default when no PACS is configured
             config = config.model_copy(update={"pacs": [FilesystemPacs(kind="filesystem",
                                                                        path=config.base_dir / "var" / "pacs")]})
-        community = Community(open_backends(config, engine))
+        trail = AuditTrail.open(config, engine)
+        auditor = Auditor(trail, config)
+        community = Community(open_backends(config, engine, auditor=auditor))
         ledger, links = SqlLedger(engine), SqlPatientLinks(engine)
         return cls(config, engine, community, ledger, links,
                    DiscoveryService(config, community, links),
                    QueryService(config, community, ledger),
                    RetrieveService(config, community, ledger),
-                   ImagingService(config, community, ledger))
+                   ImagingService(config, community, ledger, alerts=auditor),
+                   trail, auditor)
 
     async def aclose(self) -> None:
         await self.community.aclose()
+        self.trail.close()
         self.engine.dispose()

@@ -14,8 +14,10 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.schema import CreateTable
 
@@ -43,6 +45,10 @@ MIGRATIONS: list[Migration] = [
     Migration(2, "durable import jobs", _jobs),
     Migration(3, "partners imported from a FHIR directory",
               lambda conn: tables.metadata.create_all(conn, tables=[tables.directory_partners])),
+    Migration(4, "ATNA audit trail: messages, their patients and studies, delivery state, repositories",
+              lambda conn: tables.metadata.create_all(conn, tables=[
+                  tables.audit_messages, tables.audit_patients, tables.audit_studies, tables.audit_deliveries,
+                  tables.audit_repositories])),
 ]
 
 
@@ -55,15 +61,43 @@ def resolve_url(url: str, base_dir: Path) -> str:
     return url
 
 
+def driver_url(url: str) -> str:
+    """``postgresql://`` (what operators write) means psycopg 3, the driver XIG installs (SQLAlchemy's default
+    for that scheme is psycopg2)."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url
+
+
+def _set_wal(cur: Any) -> None:
+    """Switch a SQLite file to WAL. Several processes opening a brand-new file at once race for the lock
+    this needs, and SQLite does not apply the busy timeout to it: retry for up to 10 s with backoff."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + 10.0
+    pause = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)  # a production retry of a lock held by another process, not test synchronisation
+            pause = min(pause * 2, 0.2)
+
+
 def make_engine(url: str) -> Engine:
-    engine = create_engine(url, future=True, pool_pre_ping=True)
+    engine = create_engine(driver_url(url), future=True, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=10000")
+            _set_wal(cur)
+            cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     return engine
 
@@ -98,6 +132,12 @@ def migrate(engine: Engine) -> list[int]:
         except IntegrityError:
             continue  # another process applied it first
     return applied
+
+
+def dialect_insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql.Insert:
+    """``INSERT`` with ``ON CONFLICT`` support for the connection's database (SQLite or PostgreSQL): the
+    single-statement way for concurrent writers (several workers) to add a row that may already exist."""
+    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
 
 
 def open_database(url: str, base_dir: Path) -> Engine:

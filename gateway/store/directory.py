@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from collections.abc import Iterable
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, select, text
 
 from gateway.initiating.partners import Partner
 from gateway.store.tables import directory_partners
@@ -24,6 +24,10 @@ class SqlDirectory:
                  "entry": json.dumps(dataclasses.asdict(p)), "source_file": source_file, "imported_at": now}
                 for p in partners]
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # two imports at once: the second waits for the first instead of failing on its new rows;
+                # readers keep seeing the previous directory until the commit (SQLite: one writer anyway)
+                conn.execute(text("LOCK TABLE directory_partners IN SHARE ROW EXCLUSIVE MODE"))
             conn.execute(delete(directory_partners))
             if rows:
                 conn.execute(directory_partners.insert(), rows)

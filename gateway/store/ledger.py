@@ -11,10 +11,9 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, and_, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, and_, case, select
 
+from gateway.store.db import dialect_insert
 from gateway.store.tables import document_entries, kos_deliveries, kos_instances, kos_manifests, patient_links
 
 
@@ -45,18 +44,21 @@ class SqlLedger:
     # -- on-demand DocumentEntries ------------------------------------------------------------
     def entry_for_study(self, unique_id: str, entry_uuid: str, study_uid: str, source_id: str,
                         patient_id: str) -> EntryRecord:
-        """Record (idempotently) the on-demand entry standing for ``study_uid``; return the stored one."""
+        """Record (idempotently) the on-demand entry standing for ``study_uid``; return the stored one.
+
+        Several workers may ask at once: the first row written wins (``INSERT … ON CONFLICT DO NOTHING``
+        on the uniqueId, which waits for a concurrent writer's commit) and every caller returns that row.
+        """
+        found = self.find_entry(unique_id=unique_id)  # the usual case, a read only (own transaction: see below)
+        if found is not None:
+            return found
+        # a fresh transaction whose first statement writes: SQLite takes its write lock (waiting up to
+        # busy_timeout) instead of failing to upgrade a read snapshot another process has outdated
         with self.engine.begin() as conn:
-            row = conn.execute(select(document_entries).where(document_entries.c.unique_id == unique_id)).first()
-            if row is None:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(document_entries.insert().values(
-                            unique_id=unique_id, entry_uuid=entry_uuid, study_instance_uid=study_uid,
-                            source_id=source_id, patient_id=patient_id, created_at=_now()))
-                except IntegrityError:
-                    pass  # another worker recorded it first
-                row = conn.execute(select(document_entries).where(document_entries.c.unique_id == unique_id)).one()
+            conn.execute(dialect_insert(conn, document_entries).values(
+                unique_id=unique_id, entry_uuid=entry_uuid, study_instance_uid=study_uid, source_id=source_id,
+                patient_id=patient_id, created_at=_now()).on_conflict_do_nothing(index_elements=["unique_id"]))
+            row = conn.execute(select(document_entries).where(document_entries.c.unique_id == unique_id)).one()
         return EntryRecord(row.unique_id, row.entry_uuid, row.study_instance_uid, row.source_id, row.patient_id)
 
     def find_entry(self, unique_id: str | None = None, entry_uuid: str | None = None) -> EntryRecord | None:
@@ -71,22 +73,22 @@ class SqlLedger:
     def record_delivery(self, *, kos_uid: str, study_uid: str, source_id: str, content_digest: str,
                         instances: Sequence[tuple[str, str]], home_community_id: str, organization_id: str = "",
                         user: str = "") -> None:
-        """Remember that ``kos_uid`` (referencing ``instances`` = (series uid, sop uid)) went to a community."""
+        """Remember that ``kos_uid`` (referencing ``instances`` = (series uid, sop uid)) went to a community.
+
+        The manifest and its instances are written once, by whichever worker gets there first (the others'
+        ``ON CONFLICT DO NOTHING`` waits for its commit, then adds only its own delivery row).
+        """
         now = _now()
         with self.engine.begin() as conn:
-            exists = conn.execute(select(kos_manifests.c.kos_uid).where(kos_manifests.c.kos_uid == kos_uid)).first()
-            if exists is None:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(kos_manifests.insert().values(
-                            kos_uid=kos_uid, study_instance_uid=study_uid, source_id=source_id,
-                            content_digest=content_digest, created_at=now))
-                        if instances:
-                            conn.execute(kos_instances.insert(), [
-                                {"kos_uid": kos_uid, "sop_instance_uid": sop, "series_instance_uid": series,
-                                 "study_instance_uid": study_uid} for series, sop in instances])
-                except IntegrityError:
-                    pass  # the same content-derived manifest was recorded concurrently
+            created = conn.execute(dialect_insert(conn, kos_manifests).values(
+                kos_uid=kos_uid, study_instance_uid=study_uid, source_id=source_id, content_digest=content_digest,
+                created_at=now).on_conflict_do_nothing(index_elements=["kos_uid"])
+                .returning(kos_manifests.c.kos_uid)).first() is not None
+            if created and instances:
+                by_sop = {sop: series for series, sop in instances}  # each instance once
+                conn.execute(kos_instances.insert(), [
+                    {"kos_uid": kos_uid, "sop_instance_uid": sop, "series_instance_uid": series,
+                     "study_instance_uid": study_uid} for sop, series in by_sop.items()])
             conn.execute(kos_deliveries.insert().values(
                 kos_uid=kos_uid, home_community_id=home_community_id, organization_id=organization_id,
                 user=user, delivered_at=now))
@@ -130,12 +132,14 @@ class SqlPatientLinks:
                   "remote_home_community_id": remote_home_community_id, "remote_patient_id": remote_patient_id,
                   "remote_assigning_authority": remote_assigning_authority, "first_seen": now, "last_seen": now}
         keys = ["local_patient_id", "local_assigning_authority", "remote_home_community_id"]
-        update = {"last_seen": now, "remote_patient_id": remote_patient_id,
-                  "remote_assigning_authority": remote_assigning_authority}
         with self.engine.begin() as conn:
-            dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-            conn.execute(dialect_insert(patient_links).values(**values).on_conflict_do_update(
-                index_elements=keys, set_=update))
+            insert = dialect_insert(conn, patient_links).values(**values)
+            # concurrent workers commit in any order: last_seen only moves forward (never before first_seen)
+            last_seen = case((insert.excluded.last_seen > patient_links.c.last_seen, insert.excluded.last_seen),
+                             else_=patient_links.c.last_seen)
+            conn.execute(insert.on_conflict_do_update(index_elements=keys, set_={
+                "last_seen": last_seen, "remote_patient_id": remote_patient_id,
+                "remote_assigning_authority": remote_assigning_authority}))
 
     def communities_for(self, local_patient_id: str, local_assigning_authority: str) -> list[str]:
         with self.engine.connect() as conn:

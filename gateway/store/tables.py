@@ -11,9 +11,11 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -175,6 +177,67 @@ directory_partners = Table(
     Column("entry", Text, nullable=False),  # JSON of the Partner
     Column("source_file", Text, nullable=False, default=""),
     Column("imported_at", DateTime(timezone=True), nullable=False),
+)
+
+#: ATNA audit trail (:mod:`gateway.store.audit`): every audit message recorded, as the UTF-8 XML sent to the
+#: repositories, with the facts ``xig audit ls`` filters on and the syslog header fields of the recording
+#: process (so a re-sent frame is byte-identical to the first one).
+AUDIT_ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrement needs INTEGER PRIMARY KEY
+audit_messages = Table(
+    "audit_messages", metadata,
+    Column("id", AUDIT_ID, primary_key=True, autoincrement=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False, index=True),
+    #: IHE transaction (ITI-55, RAD-75, ...) or the EventID code
+    Column("event", String(64), nullable=False, index=True),
+    Column("outcome", Integer, nullable=False),
+    Column("user", String(512), nullable=False, default="", index=True),
+    Column("community", String(UID + 8), nullable=False, default="", index=True),
+    Column("hostname", String(255), nullable=False),
+    Column("app_name", String(48), nullable=False),
+    Column("procid", String(128), nullable=False),
+    Column("xml", LargeBinary, nullable=False),
+)
+
+#: The patients of an audit message: the CX identifier and its ID (CX.1) for ``--patient``.
+audit_patients = Table(
+    "audit_patients", metadata,
+    Column("message_id", AUDIT_ID, ForeignKey("audit_messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("patient_id", String(256), primary_key=True),
+    Column("id_value", String(256), nullable=False, index=True),
+)
+
+#: The studies (Study Instance UIDs) of an audit message.
+audit_studies = Table(
+    "audit_studies", metadata,
+    Column("message_id", AUDIT_ID, ForeignKey("audit_messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("study_instance_uid", String(UID), primary_key=True, index=True),
+)
+
+#: Delivery of each audit message to each repository: pending | delivered | failed (never deliverable).
+audit_deliveries = Table(
+    "audit_deliveries", metadata,
+    Column("message_id", AUDIT_ID, ForeignKey("audit_messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("repository", String(200), primary_key=True),
+    Column("state", String(16), nullable=False, default="pending"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True)),
+)
+Index("ix_audit_deliveries_spool", audit_deliveries.c.repository, audit_deliveries.c.state,
+      audit_deliveries.c.message_id)
+
+#: Each audit repository: which process delivers to it (several workers share one spool: a lease renewed
+#: while held) and the last delivery error, for ``xig audit ls`` / ``export`` in another process.
+audit_repositories = Table(
+    "audit_repositories", metadata,
+    Column("repository", String(200), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),  # seconds since the epoch
+    Column("last_error", Text, nullable=False, default=""),
+    Column("last_error_at", DateTime(timezone=True)),
+    Column("last_delivered_at", DateTime(timezone=True)),
 )
 
 #: Applied schema migrations (see :mod:`gateway.store.db`).

@@ -66,8 +66,16 @@ class SoapClient:
     """One client per TLS identity; reuse it across requests (connection pooling)."""
 
     def __init__(self, ssl_context: ssl.SSLContext, *, timeout: float = 60.0,
-                 max_root_bytes: int = 64 * 1024 * 1024) -> None:
-        self._http = httpx.AsyncClient(verify=ssl_context, timeout=timeout, http2=False)
+                 max_root_bytes: int = 64 * 1024 * 1024,
+                 wrap_transport: Callable[[httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport] | None = None,
+                 ) -> None:
+        """``wrap_transport`` (optional) wraps the TLS transport, e.g. to record every raw exchange (the
+        conformance runner does); it receives the real transport built from ``ssl_context``."""
+        if wrap_transport is None:
+            self._http = httpx.AsyncClient(verify=ssl_context, timeout=timeout, http2=False)
+        else:
+            self._http = httpx.AsyncClient(transport=wrap_transport(httpx.AsyncHTTPTransport(verify=ssl_context)),
+                                           timeout=timeout)
         self.max_root_bytes = max_root_bytes
 
     async def aclose(self) -> None:

@@ -1,0 +1,1 @@
+"""Reports of a conformance run: JUnit XML, a self-contained HTML page, the raw exchanges."""
