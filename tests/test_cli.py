@@ -93,7 +93,8 @@ def test_serve_answers_and_stops_gracefully(tmp_path: Path, pki: CertSet) -> Non
 def test_demo_self_check(tmp_path: Path) -> None:
     r = run("demo", "--workdir", str(tmp_path / "demo"), "--port", "0", "--no-serve", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("✓") == 8 and "✗" not in r.stdout
+    assert r.stdout.count("✓") == 9 and "✗" not in r.stdout
+    assert "community A audited every exchange" in r.stdout and "RAD-75" in r.stdout
     assert "imported 9 instances of 2 studies" in r.stdout
     assert "patient DEMO-1" in r.stdout and "2 on-demand KOS entries" in r.stdout
     assert "wsse:InvalidSecurity" in r.stdout

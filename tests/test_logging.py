@@ -150,3 +150,25 @@ def test_text_format_shows_the_correlation_id() -> None:
         root.setLevel(saved[1])
     text = stream.getvalue()
     assert "[urn:uuid:text-1]: plain line" in text and "INFO xig.test" in text and "not shown" not in text
+
+
+async def test_one_message_id_correlates_both_sides_of_a_hop(config: Config, captured: io.StringIO) -> None:
+    """XIG calling XIG: the initiating side's lines and the responding side's lines carry the same id."""
+    from gateway.initiating.client import PartnerClient, open_soap_client
+    from gateway.initiating.partners import Partner
+
+    server = BackgroundServer(config, {XCA_QUERY.transaction: handler}).start()
+    try:
+        partner = Partner(name="Self", home_community_id=config.gateway.home_community_id,
+                          xca_query_url=server.url + XCA_QUERY.path)
+        async with open_soap_client(config) as soap:
+            await PartnerClient(config, partner, soap).find_manifests(
+                ebrim.format_cx("P1", config.gateway.assigning_authority))
+    finally:
+        server.stop()
+    records = lines(captured)
+    responder = [r for r in records if r.get("logger") == "xig.test.deep" and r.get("correlation_id")]
+    assert responder, records
+    sent = responder[0]["correlation_id"]
+    initiator = [r for r in records if r.get("logger", "").startswith("httpx") and r.get("correlation_id") == sent]
+    assert initiator and initiator[0].get("partner") == "Self" and initiator[0].get("transaction") == "ITI-38"

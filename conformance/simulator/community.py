@@ -16,6 +16,7 @@ from pathlib import Path
 from conformance.simulator.fixture import Fixture, FixtureError, PatientSpec
 from gateway.config import Config, DatabaseSection, FilesystemPacs, normalize_hcid, normalize_oid
 from gateway.dicom.synth import SyntheticStudy, make_study
+from gateway.pacs.base import unwrap
 from gateway.pacs.filesystem import FilesystemBackend
 from gateway.responding.assembly import RespondingServices
 
@@ -89,6 +90,7 @@ def seed(services: RespondingServices, fixture: Fixture, work_dir: Path) -> Trut
                     inst.StudyInstanceUID, inst.SeriesInstanceUID, repo, patient.id)
     for repo, studies in made.items():
         backend = services.community.backend_for(repo)
+        backend = unwrap(backend) if backend is not None else None
         if not isinstance(backend, FilesystemBackend):
             raise FixtureError("fixture", [f"repository {repo} has no embedded PACS in the simulated community"])
         for s in studies:

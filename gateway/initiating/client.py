@@ -61,6 +61,7 @@ from gateway.ihe.iti39 import DocumentRequest, RetrievedDocument
 from gateway.ihe.iti55 import PatientDemographics
 from gateway.ihe.registry import RegistryError, RegistryErrorCode, split_location
 from gateway.initiating.partners import ITI38, ITI39, ITI55, RAD75, URL_FIELDS, Partner
+from gateway.logs import bind_correlation
 from gateway.security.outbound import default_identity, security_header
 from gateway.security.saml import UserIdentity
 from gateway.security.tls import client_context, describe_tls_error
@@ -443,7 +444,8 @@ class PartnerClient:
         data, content_type, message_id = SoapClient.encode_request(url, body, endpoint.request_action,
                                                                    security=security, use_mtom=use_mtom)
         try:
-            with anyio.fail_after(timeout if deadline else None):
+            with bind_correlation(message_id, transaction=transaction, partner=self.partner.name), \
+                    anyio.fail_after(timeout if deadline else None):
                 reply = await self.soap.post(url, data, content_type, message_id, sink_factory=sink_factory,
                                              timeout=timeout)
         except TimeoutError:

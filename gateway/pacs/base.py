@@ -182,3 +182,10 @@ class PacsBackend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections/associations."""
+
+
+def unwrap(backend: PacsBackend) -> PacsBackend:
+    """The backend under its decorators (audit, metrics: each keeps the one it wraps as ``inner``)."""
+    while isinstance(getattr(backend, "inner", None), PacsBackend):
+        backend = backend.inner  # type: ignore[attr-defined]
+    return backend
