@@ -208,12 +208,14 @@ def _discover_json(result: FanoutResult) -> dict[str, Any]:
 
 
 def _discover_table(result: FanoutResult) -> Table:
-    t = Table("Partner", "Outcome", "Patient id(s)", "Custodian community", "Time")
+    t = Table("Partner", "Outcome", "Patient id(s)", "Custodian community", "Locator", "Time",
+              caption="Locator: the community says it is (yes) or is not (no) a Health Data Locator for the "
+                      "patient (XCPD Health Data Locator option; XIG does not send the ITI-56 location query)")
     for name, slot in result.partners.items():
         seconds = f"{slot.seconds:.2f} s"
         if slot.outcome is None:
             kind = slot.error.kind if slot.error else "error"
-            t.add_row(escape(name), f"[red]failed ({kind})[/]", "", "", seconds)
+            t.add_row(escape(name), f"[red]failed ({kind})[/]", "", "", "", seconds)
             continue
         o = slot.outcome
         if o.status == "match":
@@ -224,8 +226,10 @@ def _discover_table(result: FanoutResult) -> Table:
             outcome = "[yellow]more attributes: " + escape(", ".join(o.more_attributes_requested)) + "[/]"
         else:
             outcome = "[red]" + escape(o.summary()) + "[/]"
+        locator = {True: "yes", False: "no", None: "–"}
         t.add_row(escape(name), outcome, escape("\n".join(str(m.patient_id) for m in o.matches)),
-                  escape("\n".join(m.home_community_id for m in o.matches)), seconds)
+                  escape("\n".join(m.home_community_id for m in o.matches)),
+                  "\n".join(locator[m.health_data_locator] for m in o.matches), seconds)
     return t
 
 

@@ -7,6 +7,7 @@ messages an operator relies on: 0 success, 1 partner failure / nothing found, 2 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,10 @@ def test_chained_discover_documents_retrieve_kos_retrieve_images(world: Any, tmp
     # the table form too
     r = xig("discover", "--config", c, *DEMOGRAPHICS, "--partner", "Community B")
     assert r.exit_code == 0 and "Community B" in r.stdout and "match (1)" in r.stdout and B_HCID in r.stdout
+    # XIG answers NotHealthDataLocator: the flag is shown per match, not dropped
+    assert b["matches"][0]["health_data_locator"] is False
+    row = next(line for line in r.stdout.splitlines() if "match (1)" in line)
+    assert "Locator" in r.stdout and re.search(r"│\s*no\s*│", row), row
 
     # ITI-38 at B with the id B gave us
     r = xig("documents", "--config", c, "--partner", "Community B", "--patient-id", patient_id, "--json")
