@@ -2,15 +2,22 @@
 
 One Orthanc (``tests.orthanc.OrthancServer``, DICOMweb plugin, loopback) holds synthetic CT studies
 (``gateway.dicom.synth.make_study``, 512×512×16-bit, series of 400 instances). Each XIG gateway runs as
-its own process (``python -m gateway.cli serve``), so the partner (this process: ``SoapClient`` →
-``FileSink`` on disk) and the gateway do not share a GIL — as in a deployment, where they do not share
-a machine.
+its own process (``python -m gateway.cli serve``), so the partner (this process) and the gateway do not
+share a GIL — as in a deployment, where they do not share a machine. On this 2-core machine Orthanc,
+the gateway and the partner do share the CPUs, so the partner does no more than the reference's client:
+a blocking httpx client streaming the response into one file (plus TLS, and XIG's own MTOM decoder).
 
 * Reference: Orthanc's own WADO-RS of the whole 400-instance study (~200 MB), ``Accept: multipart/related;
-  type="application/dicom"; transfer-syntax=*``, streamed with httpx to a file — MB/s, best of 3.
+  type="application/dicom"; transfer-syntax=*``, streamed with httpx to a file — MB/s, best of 3 after
+  one warm-up read.
+* Ceiling: the same partner receiving the same byte count over mutual TLS from a bare asyncio TLS server
+  in its own process (the gateway's TLS context and write buffer, nothing else): what one Python TLS
+  stream to this partner can carry here, i.e. what a gateway with no work of its own would reach.
 * RAD-75 of the same study through XIG (ITI-38 + ITI-39 once first, so the instances are authorised),
   DICOMweb and DIMSE (C-GET) backends × ``rad75_root_part`` "first" and "last" — MB/s, best of 3,
-  as a ratio against the reference (the issue's goal: ≥ 0.6 with the DICOMweb backend).
+  as a ratio against the reference (the issue's goal: ≥ 0.6 with the DICOMweb backend); the log line
+  also gives the gateway process's CPU seconds per retrieve (least disturbed run), a figure that depends
+  far less on what else the machine is doing. One more row: DICOMweb / root last against the ceiling.
 * Peak RSS of the gateway process (``VmHWM`` after a ``clear_refs`` reset, and psutil sampling) while it
   serves a RAD-75 of a 4000-instance (10 series, ~2 GB) study (DICOMweb backend, both root layouts),
   against the same process idle after start-up (goal: < 300 MB). Skipped with ``XIG_BENCH_LARGE=0``.
@@ -18,7 +25,8 @@ a machine.
 Studies are generated once and kept, already stored in Orthanc, under a cache directory
 (``XIG_BENCH_CACHE``, default ``$TMPDIR/xig-bench-cache``; outside the repository, which has no ignore
 rule for a 2+ GB cache). Every Orthanc and gateway process started here is stopped on the way out,
-also on errors (and by :mod:`atexit` as a last resort). MB = 2**20 bytes.
+also on errors (and by :mod:`atexit` as a last resort). MB = 2**20 bytes. ``python -m bench.rad75``
+runs these benchmarks alone.
 """
 
 from __future__ import annotations
@@ -52,9 +60,9 @@ from gateway.ihe import ebrim, iti38, iti39, rad75
 from gateway.ihe.iti39 import DocumentRequest
 from gateway.security.certs import CertSet, init_certs
 from gateway.security.outbound import security_header
-from gateway.security.tls import client_context
+from gateway.security.tls import client_context, server_context
 from gateway.soap import mtom
-from gateway.web.client import SoapClient, SoapReply
+from gateway.web.client import SoapClient, SoapReply, parse_reply
 from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCAI_RETRIEVE
 from tests.orthanc import OrthancServer, free_port, orthanc_available, stop_process
 
@@ -406,23 +414,58 @@ class Partner:
             raise RuntimeError(f"the KOS lists {len(items)} instances, the study has {spec.instances}")
         return items
 
-    async def retrieve(self, items: list[Item], out: Path) -> tuple[int, float]:
-        """RAD-75 of ``items`` into files under ``out``: (Part 10 bytes received, seconds)."""
+    def retrieve(self, items: list[Item], out: Path) -> tuple[int, float]:
+        """RAD-75 of ``items``, every instance appended to one file in ``out``: (Part 10 bytes, seconds).
+
+        The same receiving work as the reference (one stream written to one file, a blocking httpx
+        client reading 64 KiB at a time), plus what RAD-75 adds: TLS and MTOM decoding (XIG's own
+        codec, :class:`gateway.soap.mtom.MtomDecoder`). Each part must start as a Part 10 file does.
+        """
+        url = self.base + XCAI_RETRIEVE.path
         body = rad75.build_request(rad75.imaging_request(
             [(st, se, DocumentRequest(HCID, repo, sop)) for st, se, sop, repo in items], [EVRLE]))
+        data, content_type, mid = SoapClient.encode_request(url, body, XCAI_RETRIEVE.request_action,
+                                                            security=security_header(self.cfg, url), use_mtom=True)
         out.mkdir(parents=True, exist_ok=True)
-        async with SoapClient(self.ctx, timeout=CALL_TIMEOUT) as c:
+        headers = {"content-type": content_type, "accept": "application/soap+xml, multipart/related"}
+        with httpx.Client(verify=self.ctx, timeout=CALL_TIMEOUT) as http, (out / "study").open("wb") as f:
             t0 = time.perf_counter()
-            # spool files as the import station writes them (atomic, no per-part fsync)
-            reply = await self._call(c, XCAI_RETRIEVE.path, body, XCAI_RETRIEVE.request_action, use_mtom=True,
-                                     sink_factory=lambda _info: mtom.FileSink(out, durable=False))
+            with http.stream("POST", url, content=data, headers=headers) as rsp:
+                reply_type = rsp.headers.get("content-type", "")
+                decoder = mtom.MtomDecoder(reply_type, lambda _info: _AppendSink(f))
+                for chunk in rsp.iter_raw():
+                    decoder.feed(chunk)
+                msg = decoder.close()
             seconds = time.perf_counter() - t0
+        reply = parse_reply(rsp.status_code, reply_type, msg.root, dict(msg.attachments), mid)
         res = rad75.parse_response(reply.body, reply.attachments)
         if not res.status.endswith(":Success") or res.errors or len(res.documents) != len(items):
             raise RuntimeError(f"RAD-75: {res.status}, {len(res.documents)} of {len(items)} instances, "
                                f"errors {[(e.code, e.context) for e in res.errors[:3]]}")
-        size = sum(Path(d.attachment).stat().st_size for d in res.documents)
-        return size, seconds
+        return sum(int(d.attachment) for d in res.documents), seconds
+
+
+class _AppendSink:
+    """An MTOM part appended to an open file; ``close()`` returns its size. Checks the Part 10 preamble."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.size = 0
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        if len(self.head) < 132:
+            self.head += data[:132 - len(self.head)]
+        self.f.write(data)
+        self.size += len(data)
+
+    def close(self) -> int:
+        if self.head[128:132] != b"DICM":
+            raise RuntimeError("a RAD-75 part is not a DICOM Part 10 file")
+        return self.size
+
+    def abort(self) -> None:
+        pass
 
 
 def _fresh(parent: Path) -> Path:
@@ -436,6 +479,7 @@ def _fresh(parent: Path) -> Path:
 def wado_reference(orthanc: OrthancServer, spec: StudySpec, work: Path) -> float:
     """Orthanc's WADO-RS of the whole study streamed to one file: MB/s, best of :data:`RUNS`."""
     url = f"{orthanc.dicomweb_url}/studies/{spec.study_uid}"
+    _wado_once(url, spec, work)  # warm-up: the first read after start-up comes from a cold cache
     with Contention() as other:
         best = max(_wado_once(url, spec, work) for _ in range(RUNS))
     _say(f"reference: Orthanc WADO-RS of {spec.instances} instances {best:.0f} MB/s ({other})")
@@ -465,11 +509,15 @@ def rad75_throughput(orthanc: OrthancServer, certs: CertSet, work: Path, kind: s
                      spec: StudySpec, reference: float) -> Result:
     """RAD-75 of the whole study through a gateway process: MB/s, best of :data:`RUNS`."""
     with GatewayProcess(work / f"gw-{kind}-{root}", certs, pacs_section(kind, orthanc), root) as gw:
+        assert gw.process is not None
         partner = Partner(gw, certs)
         items = asyncio.run(partner.authorise(spec))
         with Contention() as other:
-            best = max(_rad75_once(partner, items, work) for _ in range(RUNS))
-    _say(f"RAD-75 {kind}/root {root}: {best:.0f} MB/s → ratio {best / reference:.2f} ({other})")
+            runs = [_cpu_of(gw.process.pid, lambda: _rad75_once(partner, items, work)) for _ in range(RUNS)]
+    best = max(rate for rate, _ in runs)
+    cpu = min(seconds for _, seconds in runs)  # the least disturbed run
+    _say(f"RAD-75 {kind}/root {root}: {best:.0f} MB/s → ratio {best / reference:.2f}; the gateway process used "
+         f"{cpu:.2f} CPU-s per retrieve = {spec.mb / cpu:.0f} MB per CPU-second ({other})")
     backend = "DICOMweb" if kind == "dicomweb" else "DIMSE C-GET"
     return Result(f"RAD-75 {spec.instances} CT ({spec.mb:.0f} MB), {backend}, root {root} / Orthanc WADO-RS",
                   best, reference, "MB/s")
@@ -478,10 +526,108 @@ def rad75_throughput(orthanc: OrthancServer, certs: CertSet, work: Path, kind: s
 def _rad75_once(partner: Partner, items: list[Item], work: Path) -> float:
     out = _fresh(work)
     try:
-        size, seconds = asyncio.run(partner.retrieve(items, out))
+        size, seconds = partner.retrieve(items, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return size / MB / seconds
+
+
+def _cpu_of(pid: int, fn: Any) -> tuple[float, float]:
+    """``(fn(), CPU seconds process ``pid`` used meanwhile)``."""
+    proc = psutil.Process(pid)
+    before = proc.cpu_times()
+    value = fn()
+    after = proc.cpu_times()
+    return value, (after.user + after.system) - (before.user + before.system)
+
+
+# -------------------------------------------------------------------------------------------------
+# The ceiling: one bare Python TLS stream of the same size, to the same partner
+# -------------------------------------------------------------------------------------------------
+
+def _tls_sender(certs_dir: str, total: int) -> None:
+    """A bare asyncio TLS server (its own process, like the gateway): every HTTP request gets ``total`` bytes.
+
+    Prints its port on stdout, then serves until it is stopped.
+
+    The gateway's TLS context and write-buffer limit, 1 MiB writes; nothing else (no HTTP stack, no
+    reading from a PACS, no MTOM): the most any asyncio gateway can send through one TLS stream here.
+    """
+    certs = CertSet(Path(certs_dir))
+    ctx = server_context(certs.gateway_cert, certs.gateway_key, certs.ca_cert)
+    block = os.urandom(MB)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.set_write_buffer_limits(high=4 * MB)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.decode("latin-1").split("\r\n"):
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                             b"Content-Length: %d\r\n\r\n" % total)
+                left = total
+                while left:
+                    writer.write(block if left >= len(block) else block[:left])
+                    left -= min(left, len(block))
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -> tuple[Result, float]:
+    """The same partner receiving the same byte count from :func:`_tls_sender`: (MB/s best of :data:`RUNS`,
+    the sender's CPU seconds per stream)."""
+    total = int(spec.mb * MB * 1.003)  # the Part 10 files are ~0.3 % larger than their pixel data
+    code = "import sys; from bench.rad75 import _tls_sender; _tls_sender(sys.argv[1], int(sys.argv[2]))"
+    sender = subprocess.Popen([sys.executable, "-c", code, str(certs.directory), str(total)],
+                              cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        assert sender.stdout is not None
+        port = sender.stdout.readline().strip()  # the sender's first line, or "" when it died
+        if not port.isdigit():
+            raise RuntimeError("the bare TLS sender did not start")
+        url = f"https://127.0.0.1:{int(port)}/blob"
+        ctx = client_context(certs.partner_cert, certs.partner_key, certs.ca_cert)
+
+        def once() -> float:
+            out = _fresh(work)
+            try:
+                with httpx.Client(verify=ctx, timeout=CALL_TIMEOUT) as http, (out / "blob").open("wb") as f:
+                    t0 = time.perf_counter()
+                    with http.stream("POST", url, content=b"x") as rsp:
+                        for chunk in rsp.iter_raw():
+                            f.write(chunk)
+                    seconds = time.perf_counter() - t0
+                    if f.tell() != total:
+                        raise RuntimeError(f"the bare TLS sender sent {f.tell()} of {total} bytes")
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            return total / MB / seconds
+
+        with Contention() as other:
+            runs = [_cpu_of(sender.pid, once) for _ in range(RUNS)]
+    finally:
+        stop_process(sender)
+    best = max(rate for rate, _ in runs)
+    cpu = min(seconds for _, seconds in runs)
+    _say(f"ceiling: a bare asyncio TLS sender → the same partner {best:.0f} MB/s → ratio {best / reference:.2f}; "
+         f"the sender used {cpu:.2f} CPU-s per stream = {spec.mb / cpu:.0f} MB per CPU-second ({other})")
+    return Result(f"Ceiling: one bare Python (asyncio) TLS stream of {spec.mb:.0f} MB to the same partner "
+                  "/ Orthanc WADO-RS", best, reference, "MB/s"), cpu
 
 
 def peak_rss(orthanc: OrthancServer, certs: CertSet, work: Path, kind: str, root: str,
@@ -495,7 +641,7 @@ def peak_rss(orthanc: OrthancServer, certs: CertSet, work: Path, kind: str, root
         out = _fresh(work)
         try:
             with Contention() as other, RssMonitor(gw.process.pid) as mon:
-                size, seconds = asyncio.run(partner.retrieve(items, out))
+                size, seconds = partner.retrieve(items, out)
         finally:
             shutil.rmtree(out, ignore_errors=True)
     _say(f"peak RSS {kind}/root {root}: {mon.peak / MB:.0f} MB (VmHWM {(mon.hwm or 0) / MB:.0f} MB, sampled "
@@ -519,9 +665,17 @@ def run() -> list[Result]:
             specs = [SMALL, LARGE] if large else [SMALL]
             with orthanc_with(specs, cache) as orthanc:
                 ref = wado_reference(orthanc, SMALL, work)
+                ceiling, _ = tls_ceiling(certs, work, SMALL, ref)
+                results.append(ceiling)
+                streamed: Result | None = None
                 for kind, root in (("dicomweb", "first"), ("dicomweb", "last"), ("dimse", "first"),
                                    ("dimse", "last")):
                     results.append(rad75_throughput(orthanc, certs, work, kind, root, SMALL, ref))
+                    if (kind, root) == ("dicomweb", "last"):
+                        streamed = results[-1]
+                assert streamed is not None
+                results.append(Result(f"{streamed.name.split(' / ')[0]} / the ceiling above", streamed.value,
+                                      ceiling.value, "MB/s"))
                 if large:
                     for kind, root in (("dicomweb", "first"), ("dicomweb", "last")):
                         results.append(peak_rss(orthanc, certs, work, kind, root, LARGE))

@@ -167,6 +167,13 @@ class DicomwebPacs(_Section):
     imaging_source_id: str | None = None
     name: str | None = None
 
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r}: the DICOMweb base URL must start with http:// or https://")
+        return v.rstrip("/")
+
 
 class FilesystemPacs(_Paths):
     kind: Literal["filesystem"]

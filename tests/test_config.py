@@ -90,3 +90,11 @@ def test_missing_files_and_bad_toml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(tmp_path / "absent.toml")
     assert exc.value.problems == ["file not found"]
+
+
+def test_dicomweb_url_must_be_http(tmp_path: Path) -> None:
+    data = tomllib.loads(example_config_text())
+    data["pacs"] = {"kind": "dicomweb", "url": "orthanc:8042/dicom-web"}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, base_dir=tmp_path, source="bad.toml")
+    assert any("url" in p and "must start with http:// or https://" in p for p in exc.value.problems)

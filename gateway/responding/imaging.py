@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import shutil
+import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -41,7 +41,8 @@ from gateway.security.saml import VerifiedIdentity
 from gateway.soap import mtom
 
 log = logging.getLogger("xig.rad75")
-CHUNK = 1024 * 1024
+#: bytes per worker-thread call when writing and reading the "root first" spool
+SPOOL_BATCH = 4 * 1024 * 1024
 
 
 @dataclass
@@ -195,27 +196,28 @@ class ImagingService:
                     yield mtom.Part(cids[index], "application/dicom", data)
             return None, streamed(), root
 
-        spool = Path(tempfile.mkdtemp(prefix="xig-rad75-", dir=self.config.responder.spool_dir))
+        spool = _Spool(self.config.responder.spool_dir)
         try:
-            files: dict[int, Path] = {}
+            spans: dict[int, tuple[int, int]] = {}
             async for index, data in self._instances(plan, accepted):
-                path = await _spool(spool / f"{index}.dcm", data)
-                if index in plan.outcomes:  # broke off while spooling
-                    path.unlink(missing_ok=True)
+                start = spool.size
+                await spool.append(data)
+                if index in plan.outcomes:  # broke off while spooling: its bytes stay in the spool, unused
                     continue
-                files[index] = path
+                spans[index] = (start, spool.size - start)
                 cids[index] = mtom.normalize_content_id(mtom.new_content_id(f"i{index}"))
+            await spool.flush()
         except BaseException:
-            shutil.rmtree(spool, ignore_errors=True)
+            spool.close()
             raise
         element = root()
 
         async def from_spool() -> AsyncIterator[mtom.Part]:
             try:
-                for index in sorted(files):
-                    yield mtom.Part(cids[index], "application/dicom", _read(files[index]))
+                for index in sorted(spans):
+                    yield mtom.Part(cids[index], "application/dicom", spool.read(*spans[index]))
             finally:
-                shutil.rmtree(spool, ignore_errors=True)
+                spool.close()
         return element, from_spool(), None
 
 
@@ -239,17 +241,70 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
         pass
 
 
-async def _spool(path: Path, data: bytes | AsyncIterator[bytes]) -> Path:
-    async with await anyio.open_file(path, "wb") as f:
+class _Spool:
+    """The instances of one "root first" response, one after the other in one anonymous file in ``directory``.
+
+    Nothing to clean up after a crash (the file has no name). Writes are batched to :data:`SPOOL_BATCH`
+    bytes per worker-thread call, and reading ahead in blocks of that size when parts are read in
+    the order they were spooled: a thread hop per chunk (and a file per instance) cost more than the
+    disk I/O itself. Memory: one batch.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self._file = tempfile.TemporaryFile(prefix="xig-rad75-", dir=directory, buffering=0)
+        self.size = 0
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._block = b""
+        self._block_start = 0
+        self._next = -1  # where the previous read ended
+
+    async def append(self, data: bytes | AsyncIterator[bytes]) -> None:
         if isinstance(data, bytes):
-            await f.write(data)
-        else:
-            async for chunk in data:
-                await f.write(chunk)
-    return path
+            await self._add(data)
+            return
+        async for chunk in data:
+            await self._add(chunk)
 
+    async def _add(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        self.size += len(chunk)
+        if self._pending_size >= SPOOL_BATCH:
+            await self.flush()
 
-async def _read(path: Path) -> AsyncIterator[bytes]:
-    async with await anyio.open_file(path, "rb") as f:
-        while chunk := await f.read(CHUNK):
-            yield chunk
+    async def flush(self) -> None:
+        batch, self._pending, self._pending_size = self._pending, [], 0
+        if batch:
+            await anyio.to_thread.run_sync(self._write_all, batch)
+
+    def _write_all(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            view = memoryview(chunk)
+            while view:
+                written = self._file.write(view)
+                if not written:
+                    raise OSError("the RAD-75 spool file accepts no more bytes")
+                view = view[written:]
+
+    async def read(self, start: int, length: int) -> AsyncIterator[bytes]:
+        """The ``length`` bytes spooled at ``start`` (flushed), in pieces of at most :data:`SPOOL_BATCH`."""
+        end = start + length
+        pos = start
+        while pos < end:
+            offset = pos - self._block_start
+            if not 0 <= offset < len(self._block):
+                # read ahead when reading in spool order, else just what this part needs
+                size = SPOOL_BATCH if pos == self._next else min(end - pos, SPOOL_BATCH)
+                self._block = await anyio.to_thread.run_sync(os.pread, self._file.fileno(), size, pos)
+                self._block_start, offset = pos, 0
+                if not self._block:
+                    raise OSError(f"the RAD-75 spool file ends at {pos}, before {end}")
+            piece = self._block[offset:offset + end - pos]
+            pos += len(piece)
+            yield piece
+        self._next = end
+
+    def close(self) -> None:
+        self._block = b""
+        self._file.close()

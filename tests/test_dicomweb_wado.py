@@ -1,0 +1,292 @@
+"""The DICOMweb backend's own WADO-RS HTTP/1.1 streaming against a scripted server: every framing, reuse,
+failures, https, and the multipart reader split at every offset."""
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from pathlib import Path
+
+import pytest
+
+from gateway.dicom.synth import derive_uid, make_instance
+from gateway.pacs.base import InstanceRef, RetrievedInstance, RetrieveFailure
+from gateway.pacs.dicomweb import DicomwebBackend, MultipartReader
+from gateway.security.certs import init_certs
+
+ST, SE = derive_uid("h7-study"), derive_uid("h7-series")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("inst")
+    out = {}
+    for i in range(5):
+        inst = make_instance(d / f"{i}.dcm", study_uid=ST, series_uid=SE, sop_uid=derive_uid("h7-sop", i),
+                             rows=128 + i, cols=128, instance_number=i + 1, seed=i)
+        out[inst.SOPInstanceUID] = inst.path.read_bytes()
+    return out
+
+
+class Server:
+    """Scripted DICOMweb server: QIDO series JSON + WADO multipart with a chosen framing."""
+
+    def __init__(self, files: dict[str, bytes], framing: str, *, lf: bool = False, chunk: int = 7777,
+                 count: int | None = None, keepalive: bool = True, interim: bool = False, http10: bool = False,
+                 drop: set[str] = frozenset(), cut_after: int | None = None, close_idle: bool = False) -> None:
+        self.files, self.framing, self.lf, self.chunk = files, framing, lf, chunk
+        self.count = len(files) if count is None else count
+        self.keepalive, self.interim, self.http10, self.drop = keepalive, interim, http10, drop
+        self.cut_after, self.close_idle = cut_after, close_idle
+        self.connections = 0
+        self.requests: list[str] = []
+
+    def multipart(self, sops: list[str]) -> bytes:
+        nl = b"\n" if self.lf else b"\r\n"
+        out = b"preamble" + nl
+        for sop in sops:
+            out += b"--BOUND" + nl + b"Content-Type: application/dicom" + nl + nl + self.files[sop] + nl
+        return out + b"--BOUND--" + nl + b"epilogue"
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0].decode()
+                path = line.split(" ")[1]
+                self.requests.append(path)
+                status, ctype, body = 200, "", b""
+                if path.endswith("/series") or "/series?" in path:
+                    ctype = "application/dicom+json"
+                    item = {"0020000E": {"vr": "UI", "Value": [SE]}}
+                    if self.count >= 0:
+                        item["00201209"] = {"vr": "IS", "Value": [self.count]}
+                    body = json.dumps([item]).encode()
+                elif "/instances?" in path:
+                    ctype = "application/dicom+json"
+                    body = json.dumps([{"00080018": {"vr": "UI", "Value": [s]}} for s in self.files]).encode()
+                else:
+                    parts = path.split("?")[0].split("/")
+                    if "instances" in parts:
+                        sop = parts[parts.index("instances") + 1]
+                        sops = [sop] if sop in self.files and sop not in self.drop else []
+                        if not sops:
+                            status, body = 404, b"no such instance"
+                    else:
+                        sops = [s for s in self.files if s not in self.drop]
+                    if status == 200:
+                        ctype = 'multipart/related; type="application/dicom"; boundary=BOUND'
+                        body = self.multipart(sops)
+                ver = b"HTTP/1.0" if self.http10 else b"HTTP/1.1"
+                if self.interim:
+                    w.write(ver + b" 100 Continue\r\n\r\n")
+                hdr = ver + b" %d X\r\n" % status + (f"Content-Type: {ctype}\r\n".encode() if ctype else b"")
+                framing = self.framing if ctype.startswith("multipart") else "length"
+                if self.cut_after is not None and ctype.startswith("multipart"):
+                    body = body[:self.cut_after]
+                    framing = "close"
+                if framing == "length":
+                    w.write(hdr + b"Content-Length: %d\r\n" % len(body)
+                            + (b"" if self.keepalive else b"Connection: close\r\n") + b"\r\n" + body)
+                elif framing == "chunked":
+                    w.write(hdr + b"Transfer-Encoding: chunked\r\n\r\n")
+                    for i in range(0, len(body), self.chunk):
+                        piece = body[i:i + self.chunk]
+                        w.write(b"%x;ext=1\r\n" % len(piece) + piece + b"\r\n")
+                        await w.drain()
+                    w.write(b"0\r\nX-Trailer: 1\r\n\r\n")
+                else:  # until close
+                    w.write(hdr + b"\r\n")
+                    for i in range(0, len(body), self.chunk):
+                        w.write(body[i:i + self.chunk])
+                        await w.drain()
+                    await w.drain()
+                    w.close()
+                    return
+                await w.drain()
+                if not self.keepalive or self.http10 or self.close_idle:
+                    w.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            w.close()
+
+
+async def run(server: Server, refs: list[InstanceRef], ssl_ctx: ssl.SSLContext | None = None,
+              scheme: str = "http") -> tuple[dict[str, bytes], dict[str, tuple[str, bool]]]:
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=ssl_ctx)
+    port = srv.sockets[0].getsockname()[1]
+    b = DicomwebBackend(f"{scheme}://localhost:{port}/dicom-web", source_id="1.2", timeout=5)
+    got: dict[str, bytes] = {}
+    failed: dict[str, tuple[str, bool]] = {}
+    try:
+        async for item in b.retrieve(refs):
+            if isinstance(item, RetrievedInstance):
+                got[item.ref.SOPInstanceUID] = b"".join([c async for c in item.chunks])
+            else:
+                failed[item.ref.SOPInstanceUID] = (item.reason, item.missing)
+    finally:
+        await b.aclose()
+        srv.close()
+    return got, failed
+
+
+def refs(files: dict[str, bytes], n: int | None = None) -> list[InstanceRef]:
+    return [InstanceRef(ST, SE, s) for s in list(files)[:n]]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+@pytest.mark.parametrize("lf", [False, True])
+@pytest.mark.parametrize("chunk", [1, 13, 7777, 1 << 20])
+async def test_framings(files: dict[str, bytes], framing: str, lf: bool, chunk: int) -> None:
+    s = Server(files, framing, lf=lf, chunk=chunk)
+    got, failed = await run(s, refs(files))
+    assert failed == {} and got == files
+
+
+async def test_keepalive_reuse_per_instance(files: dict[str, bytes]) -> None:
+    s = Server(files, "length", count=100)  # sparse: one request per instance
+    got, failed = await run(s, refs(files, 3))
+    assert failed == {} and set(got) == set(list(files)[:3])
+    assert s.connections == 2, s.requests  # series QIDO through httpx; the WADO-RS GETs share one connection
+    assert sum("/instances/" in p for p in s.requests) == 3
+
+
+async def test_chunked_reuse_and_404(files: dict[str, bytes]) -> None:
+    sops = list(files)
+    s = Server(files, "chunked", count=100, drop={sops[1]})
+    got, failed = await run(s, refs(files, 3))
+    assert set(got) == {sops[0], sops[2]} and failed[sops[1]][1] is True and "not found" in failed[sops[1]][0]
+    assert s.connections == 2  # httpx for the QIDO, one kept-alive connection for the three WADO-RS GETs
+
+
+async def test_server_closes_idle_connection(files: dict[str, bytes]) -> None:
+    s = Server(files, "length", count=100, close_idle=True)
+    got, failed = await run(s, refs(files, 3))
+    assert failed == {} and len(got) == 3
+
+
+async def test_interim_and_http10(files: dict[str, bytes]) -> None:
+    got, failed = await run(Server(files, "length", interim=True), refs(files))
+    assert got == files and not failed
+    got, failed = await run(Server(files, "close", http10=True), refs(files))
+    assert got == files and not failed
+
+
+async def test_missing_in_complete_series_response(files: dict[str, bytes]) -> None:
+    sops = list(files)
+    extra = InstanceRef(ST, SE, derive_uid("h7-nope"))
+    got, failed = await run(Server(files, "chunked", drop={sops[4]}), [*refs(files), extra])
+    assert set(got) == set(sops[:4])
+    assert failed[sops[4]][1] is True and failed[extra.SOPInstanceUID][1] is True
+
+
+async def test_no_series_count_falls_back_to_instance_query(files: dict[str, bytes]) -> None:
+    s = Server(files, "length", count=-1)
+    extra = InstanceRef(ST, SE, derive_uid("h7-nope2"))
+    got, failed = await run(s, [*refs(files), extra])
+    assert got == files and failed == {extra.SOPInstanceUID: (failed[extra.SOPInstanceUID][0], True)}
+    assert any("/instances?" in p for p in s.requests)
+
+
+async def test_unknown_series_missing(files: dict[str, bytes]) -> None:
+    other = InstanceRef(ST, derive_uid("h7-other-series"), derive_uid("x"))
+    got, failed = await run(Server(files, "length"), [other])
+    assert got == {} and failed[other.SOPInstanceUID][1] is True
+
+
+async def test_truncated_response(files: dict[str, bytes]) -> None:
+    one = len(files[next(iter(files))])
+    s = Server(files, "close", cut_after=one + one // 2)
+    got: dict[str, bytes] = {}
+    errors = []
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    b = DicomwebBackend(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}", source_id="1.2", timeout=5)
+    results = []
+    try:
+        async for item in b.retrieve(refs(files)):
+            results.append(item)
+            if isinstance(item, RetrievedInstance):
+                try:
+                    got[item.ref.SOPInstanceUID] = b"".join([c async for c in item.chunks])
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+    finally:
+        await b.aclose()
+        srv.close()
+    assert len(results) == len(files)
+    first = next(iter(files))
+    assert got.get(first) == files[first]
+    assert len(errors) == 1 and "truncated" in str(errors[0])
+    fails = [r for r in results if isinstance(r, RetrieveFailure)]
+    assert len(fails) == 3 and not any(f.missing for f in fails)
+
+
+async def test_unreachable(files: dict[str, bytes]) -> None:
+    b = DicomwebBackend("http://127.0.0.1:9", source_id="1.2", timeout=2)
+    out = [i async for i in b.retrieve(refs(files))]
+    await b.aclose()
+    assert all(isinstance(i, RetrieveFailure) and not i.missing for i in out) and len(out) == len(files)
+
+
+async def test_https(files: dict[str, bytes], tmp_path: Path) -> None:
+    c = init_certs(tmp_path / "pki")
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(c.gateway_cert, c.gateway_key)
+    cctx = ssl.create_default_context(cafile=str(c.ca_cert))
+    s = Server(files, "chunked")
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0, ssl=sctx)
+    b = DicomwebBackend(f"https://localhost:{srv.sockets[0].getsockname()[1]}/dicom-web", source_id="1.2",
+                        timeout=5, ssl_context=cctx)
+    try:
+        got = {}
+        async for item in b.retrieve(refs(files)):
+            assert isinstance(item, RetrievedInstance)
+            got[item.ref.SOPInstanceUID] = b"".join([c async for c in item.chunks])
+    finally:
+        await b.aclose()
+        srv.close()
+    assert got == files
+    # without the CA: the server is not trusted, every instance fails (not "missing")
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0, ssl=sctx)
+    b = DicomwebBackend(f"https://localhost:{srv.sockets[0].getsockname()[1]}/dicom-web", source_id="1.2", timeout=5)
+    try:
+        out = [i async for i in b.retrieve(refs(files))]
+    finally:
+        await b.aclose()
+        srv.close()
+    assert all(isinstance(i, RetrieveFailure) and not i.missing and "CERTIFICATE" in i.reason.upper() for i in out)
+
+
+async def test_multipart_reader_splits_everywhere(files: dict[str, bytes]) -> None:
+    body = Server(files, "length", lf=False).multipart(list(files))
+    for step in (1, 2, 3, 47, 48, 49, 50, 1000):
+        async def gen():  # type: ignore[no-untyped-def]
+            for i in range(0, len(body), step):
+                yield body[i:i + step]
+        r = MultipartReader(gen(), "BOUND")
+        out = []
+        while (h := await r.next_part()) is not None:
+            assert h == {"content-type": "application/dicom"}
+            data = b""
+            while (p := await r.read()) is not None:
+                data += p
+            out.append(data)
+        assert out == list(files.values()) and r.complete
+
+
+async def test_multipart_reader_cr_in_data() -> None:
+    data = [b"\r\r\n\n-BOUNDARY-ish\r", b"x\r\n", b"\r\n--BOUN", b"\n", b"\r", b""]
+    body = b"".join(b"--BOUND\r\n\r\n" + d + b"\r\n" for d in data) + b"--BOUND--"
+    for step in (1, 2, 5, 100):
+        async def gen():  # type: ignore[no-untyped-def]
+            for i in range(0, len(body), step):
+                yield body[i:i + step]
+        r = MultipartReader(gen(), "BOUND")
+        out = []
+        while await r.next_part() is not None:
+            d = b""
+            while (p := await r.read()) is not None:
+                d += p
+            out.append(d)
+        assert out == data, step
