@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Literal
 from urllib.parse import urlsplit
@@ -60,8 +61,12 @@ def _host(url: str) -> str | None:
 class Auditor:
     """Builds the audit messages of this gateway and records them; every method is safe to call anywhere."""
 
-    def __init__(self, sink: AuditSink, config: Config, *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
+    def __init__(self, sink: AuditSink, config: Config, *, clock: Callable[[], dt.datetime] = _utcnow,
+                 background: bool = False) -> None:
+        """``background``: build and store the messages on one background thread, in order, so a caller on
+        an event loop never waits for XML serialisation or the audit store (:meth:`close` drains it)."""
         self.sink = sink
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xig-audit") if background else None
         self.config = config
         self.clock = clock
         a = config.audit
@@ -73,7 +78,21 @@ class Auditor:
 
     # -- plumbing -----------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Wait until every message handed to a background auditor is recorded (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
     def _record(self, build: Callable[[], Sequence[AuditMessage]], what: str) -> None:
+        if self._pool is not None:
+            try:
+                self._pool.submit(self._build_and_record, build, what)
+                return
+            except RuntimeError:  # closed: record in the caller's thread rather than lose the event
+                pass
+        self._build_and_record(build, what)
+
+    def _build_and_record(self, build: Callable[[], Sequence[AuditMessage]], what: str) -> None:
         try:
             messages = build()
         except Exception:  # noqa: BLE001 - auditing never breaks the transaction
@@ -125,8 +144,9 @@ class Auditor:
                                user_name: str | None = None, kind: Literal["node", "user"] = "node") -> None:
         """A client we refused: ``node`` = bad or untrusted TLS certificate (Security Alert), ``user`` = bad or
         missing assertion (User Authentication / Login failure)."""
+        now = when or self.clock()
         self._record(lambda: [events.authentication_failure(
-            when=when or self.clock(), source=self.source, peer=events.Peer(user_id=peer_host or "unknown",
+            when=now, source=self.source, peer=events.Peer(user_id=peer_host or "unknown",
                                                                             host=peer_host),
             reason=reason, user_name=user_name, node=self.process, kind=kind)],
             f"authentication failure of {peer_host}")
@@ -143,8 +163,9 @@ class Auditor:
         objects = tuple(ParticipantObject(
             object_id=study, id_type=Code("110180", "DCM", "Study Instance UID"), type_code="2", role="3",
             details=tuple(("SOPInstanceUID", uid.encode()) for uid in uids)) for study, uids in by_study.items())
+        now = self.clock()
         self._record(lambda: [events.security_alert(
-            when=self.clock(), source=self.source,
+            when=now, source=self.source,
             peer=events.Peer(user_id=identity.home_community_id, host=peer_host),
             user=events.Requestor.from_identity(identity), reason=reason, objects=objects)],
             f"RAD-75 UID guess by {identity.audit_user_name}")
@@ -187,7 +208,8 @@ class Auditor:
     # -- application ------------------------------------------------------------------------------
 
     def application(self, started: bool) -> None:
-        self._record(lambda: [events.application_activity(when=self.clock(), source=self.source, started=started,
+        now = self.clock()
+        self._record(lambda: [events.application_activity(when=now, source=self.source, started=started,
                                                           process=self.process)],
                      "application start" if started else "application stop")
 

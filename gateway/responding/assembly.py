@@ -40,7 +40,7 @@ class RespondingServices:
             config = config.model_copy(update={"pacs": [FilesystemPacs(kind="filesystem",
                                                                        path=config.base_dir / "var" / "pacs")]})
         trail = AuditTrail.open(config, engine)
-        auditor = Auditor(trail, config)
+        auditor = Auditor(trail, config, background=True)  # the serving loop never waits for the audit
         community = Community(open_backends(config, engine, auditor=auditor))
         ledger, links = SqlLedger(engine), SqlPatientLinks(engine)
         return cls(config, engine, community, ledger, links,
@@ -52,5 +52,6 @@ class RespondingServices:
 
     async def aclose(self) -> None:
         await self.community.aclose()
+        self.auditor.close()  # every message handed over is recorded, then delivered as far as possible
         self.trail.close()
         self.engine.dispose()

@@ -3,9 +3,7 @@ and the observers that audit each exchange once it is over."""
 
 from __future__ import annotations
 
-import atexit
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from gateway.audit.auditor import Auditor, current_requestor
 from gateway.audit.events import Requestor
@@ -55,47 +53,30 @@ def _fault_parts(fault: SoapFault | None) -> tuple[str | None, str | None, str |
 class ExchangeAuditor:
     """Audits every exchange of a serving gateway: SOAP requests, refused TLS clients, start and stop.
 
-    Observers are called in the serving loop; building and storing the messages (XML, base64, a database
-    insert) happens on one background thread, in order, so the loop never waits for the audit store.
-    ``close()`` waits until every queued exchange is recorded (called when the server has stopped)."""
+    Observers are called in the serving loop; the :class:`Auditor` is a background one (``background=True``),
+    so building and storing the messages never makes the loop wait."""
 
     def __init__(self, auditor: Auditor) -> None:
         self.auditor = auditor
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xig-audit-record")
-        atexit.register(self.close)
 
-    def _submit(self, fn: object, *args: object, **kwargs: object) -> None:
-        try:
-            self._pool.submit(fn, *args, **kwargs)  # type: ignore[arg-type]
-        except RuntimeError:  # after close(): record in the caller's thread rather than lose it
-            fn(*args, **kwargs)  # type: ignore[operator]
-
-    def exchange(self, exchange: Exchange) -> None:
+    def __call__(self, exchange: Exchange) -> None:
         envelope = exchange.envelope
         code, reason, namespace = _fault_parts(exchange.fault)
         if exchange.rejected is not None and exchange.fault is None:
             code, reason = "busy", f"refused by the {exchange.rejected} concurrency limit"
         if not exchange.completed and exchange.fault is None:
             code, reason = code or "aborted", reason or "the response was not completely sent"
-        self._submit(self.auditor.inbound, transaction=exchange.transaction, path=exchange.endpoint.path,
-                     when=exchange.started_at, peer_host=exchange.peer_host,
-                     reply_to=envelope.addressing.reply_to if envelope else None, identity=exchange.identity,
-                     request=envelope.body if envelope else None,
-                     response=exchange.response_body,
-                     fault_code=code, fault_reason=reason, fault_namespace=namespace)
-
-    __call__ = exchange
+        self.auditor.inbound(transaction=exchange.transaction, path=exchange.endpoint.path,
+                             when=exchange.started_at, peer_host=exchange.peer_host,
+                             reply_to=envelope.addressing.reply_to if envelope else None,
+                             identity=exchange.identity, request=envelope.body if envelope else None,
+                             response=exchange.response_body, fault_code=code, fault_reason=reason,
+                             fault_namespace=namespace)
 
     def tls_failure(self, failure: TlsFailure) -> None:
-        self._submit(self.auditor.authentication_failure, peer_host=failure.peer_host,
-                     reason=f"TLS handshake refused: {failure.reason}", when=failure.when, kind="node")
+        self.auditor.authentication_failure(peer_host=failure.peer_host, when=failure.when, kind="node",
+                                            reason=f"TLS handshake refused: {failure.reason}")
 
     def lifecycle(self, event: LifecycleEvent) -> None:
-        if event == "started":
-            self._submit(self.auditor.application, True)
-        elif event == "stopped":
-            self._submit(self.auditor.application, False)
-            self.close()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if event in ("started", "stopped"):
+            self.auditor.application(event == "started")
