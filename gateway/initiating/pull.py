@@ -33,7 +33,7 @@ from gateway.ihe.iti55 import PatientDemographics, PersonName
 from gateway.initiating.client import ImageRequest, PartnerClient, RetrievedManifest, open_soap_client
 from gateway.initiating.fanout import CommunityDocuments, discover_all, find_all
 from gateway.initiating.partners import Partner, PartnerDirectory
-from gateway.pacs.base import PacsBackend, PacsError
+from gateway.pacs.base import PacsBackend
 from gateway.soap import mtom
 from gateway.store.jobs import JobInstance, JobStudy, SqlJobStore
 from gateway.store.ledger import SqlPatientLinks
@@ -283,12 +283,8 @@ class PullPriors:
         if not ready:
             return
         sizes = {inst.sop_instance_uid: path.stat().st_size for inst, path in ready}
-        try:
+        try:  # a local PACS that fails (PacsError) stops the job: its instances stay pending for `jobs resume`
             stored = await self.pacs.store([path for _, path in ready])
-        except PacsError as exc:
-            for inst, _ in ready:
-                self._failed(job_id, inst, f"the local PACS failed: {exc}", result)
-            return
         finally:
             for _, path in ready:
                 path.unlink(missing_ok=True)
