@@ -203,7 +203,9 @@ def test_auditor_outbound_audits_what_was_sent_with_our_asserted_user(config: Co
                      identity=default_identity(config), request=request, response=response, error=None, when=WHEN)
     [m] = valid(sink.messages)
     names = [p.user_name for p in m.participants if p.user_name]
-    assert names == [f"<{config.saml.subject_id}@{config.saml_issuer}>"]
+    from gateway.security.outbound import signer_name_id
+
+    assert names == [f"<{signer_name_id(config)}@{config.saml_issuer}>"]  # NameID = our signer's subject
     assert any(p.user_id == "https://partner.example:9443/xcpd" and p.network_access_point == "partner.example"
                for p in m.participants)
     assert [c.code for c in m.purposes_of_use] == ["TREATMENT"]

@@ -109,8 +109,10 @@ class Auditor:
 
     def outbound_requestor(self, identity: UserIdentity) -> events.Requestor:
         """The user we assert in outgoing requests (NameID = our signing certificate's subject)."""
+        from gateway.security.outbound import signer_name_id
+
         return events.Requestor(
-            user_name=audit_user_name(None, identity.subject_id, self.config.saml_issuer),
+            user_name=audit_user_name(None, signer_name_id(self.config), self.config.saml_issuer),
             user_id=identity.subject_id, organization=identity.organization,
             organization_id=identity.organization_id, home_community_id=identity.home_community_id,
             role=Code(identity.role.code, identity.role.code_system_name or identity.role.code_system,

@@ -28,6 +28,12 @@ def _credentials(cert: Path, key: Path) -> SigningCredentials:
     return load_signing_credentials(cert, key)
 
 
+def signer_name_id(config: Config) -> str:
+    """The Subject NameID of the assertions we sign: our signing certificate's subject (RFC 4514)."""
+    creds = _credentials(config.saml.signing_certificate, config.saml.signing_key)
+    return creds.certificate_chain[0].subject.rfc4514_string()
+
+
 def default_identity(config: Config, partner: PartnerSection | None = None) -> UserIdentity:
     s = config.saml
     purpose = (partner.purpose_of_use if partner and partner.purpose_of_use else s.purpose_of_use).upper()
