@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from gateway.config import Config, load_config
 from gateway.security.certs import CertSet, init_certs
@@ -61,3 +64,22 @@ def rate(count: float, fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return count / (time.perf_counter() - t0)
+
+
+def tree_cpu_seconds(pids: Iterable[int], *, recursive: bool = True) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each of ``pids`` and, with ``recursive``, their descendants."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for p in (root, *(root.children(recursive=True) if recursive else ())):
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    out[p.pid] = t.user + t.system
+    return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, idle and I/O wait excluded)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import anyio
 import psutil
@@ -52,6 +52,9 @@ from gateway.initiating.fanout import discover_all
 from gateway.initiating.partners import PartnerDirectory
 from gateway.security.certs import CertSet, init_certs
 from gateway.web.endpoints import XCPD
+
+if TYPE_CHECKING:
+    from tests.orthanc import OrthancServer
 
 MB = 1024 * 1024
 PARTNERS = 50
@@ -295,7 +298,7 @@ def _tree_bytes(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def pull_rss(orthanc: rad75.OrthancServer, work: Path, spec: rad75.StudySpec) -> list[Result]:
+def pull_rss(orthanc: OrthancServer, work: Path, spec: rad75.StudySpec) -> list[Result]:
     certs = init_certs(work / "pki")
     # one Orthanc WADO-RS of the 2 GB study: the throughput reference
     wado = rad75._wado_once(f"{orthanc.dicomweb_url}/studies/{spec.study_uid}", spec, work)

@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-import psutil
 from rich.console import Console
 
-from bench.common import Result
+from bench.common import Result, machine_busy_seconds, tree_cpu_seconds
 from gateway.config import Config, load_config
 from gateway.dicom.kos import parse_kos
 from gateway.dicom.synth import make_study
@@ -162,32 +161,15 @@ class CpuMeter:
         self.roots = roots
         self.used: dict[str, float] = {}
 
-    @staticmethod
-    def _tree(pids: list[int], recursive: bool) -> dict[int, float]:
-        out: dict[int, float] = {}
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                for p in (root, *(root.children(recursive=True) if recursive else ())):
-                    with contextlib.suppress(psutil.Error):
-                        t = p.cpu_times()
-                        out[p.pid] = t.user + t.system
-        return out
-
-    @staticmethod
-    def _busy() -> float:
-        t = psutil.cpu_times()
-        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
-
     def __enter__(self) -> CpuMeter:
-        self._start = {name: self._tree(*root) for name, root in self.roots.items()}
-        self._busy0 = self._busy()
+        self._start = {name: tree_cpu_seconds(pids, recursive=rec) for name, (pids, rec) in self.roots.items()}
+        self._busy0 = machine_busy_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy = self._busy() - self._busy0
-        for name, root in self.roots.items():
-            end, start = self._tree(*root), self._start[name]
+        busy = machine_busy_seconds() - self._busy0
+        for name, (pids, rec) in self.roots.items():
+            end, start = tree_cpu_seconds(pids, recursive=rec), self._start[name]
             self.used[name] = sum(v - start.get(pid, 0.0) for pid, v in end.items())
         self.used["other processes"] = max(0.0, busy - sum(self.used.values()))
 

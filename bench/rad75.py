@@ -52,7 +52,7 @@ import httpx
 import psutil
 from rich.console import Console
 
-from bench.common import Result
+from bench.common import Result, machine_busy_seconds, tree_cpu_seconds
 from gateway.config import Config, load_config
 from gateway.dicom.kos import parse_kos
 from gateway.dicom.synth import derive_uid, make_study
@@ -349,29 +349,19 @@ class Contention:
     Other work on a small machine skews the figures; this says how much there was.
     """
 
-    def _own(self) -> dict[int, float]:
-        out: dict[int, float] = {}
-        me = psutil.Process()
-        for p in (me, *me.children(recursive=True)):
-            with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                out[p.pid] = t.user + t.system
-        return out
-
     @staticmethod
-    def _busy() -> float:
-        t = psutil.cpu_times()
-        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+    def _own() -> dict[int, float]:
+        return tree_cpu_seconds([os.getpid()])
 
     def __enter__(self) -> Contention:
-        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
+        self.t0, self.busy0, self.own0 = time.monotonic(), machine_busy_seconds(), self._own()
         self.percent = 0.0
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = (time.monotonic() - self.t0) * (psutil.cpu_count() or 1)
         own = sum(v - self.own0.get(pid, 0.0) for pid, v in self._own().items())
-        self.percent = max(0.0, (self._busy() - self.busy0 - own) / wall * 100) if wall > 0 else 0.0
+        self.percent = max(0.0, (machine_busy_seconds() - self.busy0 - own) / wall * 100) if wall > 0 else 0.0
 
     def __str__(self) -> str:
         return f"other processes used {self.percent:.0f}% of the machine meanwhile"

@@ -308,7 +308,7 @@ def orthanc_fixture(scope: str = "session", **kwargs: Any) -> Callable[..., Iter
     ``kwargs`` go to :class:`OrthancServer` (e.g. ``modalities=("XIG", "XIG2")``).
     """
 
-    @pytest.fixture(scope=scope)  # type: ignore[call-overload]
+    @pytest.fixture(scope=scope)  # type: ignore[call-overload, untyped-decorator]
     def _orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
         assert orthanc_available(), f"Orthanc is not installed ({ORTHANC_BINARY}); run `make install` as root"
         server = OrthancServer(tmp_path_factory.mktemp("orthanc"), **kwargs)
