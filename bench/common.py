@@ -14,25 +14,35 @@ import psutil
 from gateway.config import Config, load_config
 from gateway.security.certs import CertSet, init_certs
 
-CONFIG = """
+FILESYSTEM_PACS = '[pacs]\nkind = "filesystem"\npath = "pacs"\n'
+
+
+def gateway_toml(certs: CertSet, *, hcid: str = "urn:oid:2.999.1", port: int = 0, pacs: str = FILESYSTEM_PACS,
+                 extra: str = "") -> str:
+    """A benchmark gateway's configuration: ids derived from ``hcid`` (``.1`` assigning authority, ``.2``
+    repository, ``.3`` imaging source), the test PKI, loopback ``port``; ``pacs`` and ``extra`` sections."""
+    oid = hcid.removeprefix("urn:oid:")
+    return f"""
 [gateway]
-home_community_id = "urn:oid:2.999.1"
-assigning_authority = "2.999.1.1"
-repository_unique_id = "2.999.1.2"
-imaging_source_id = "2.999.1.3"
+home_community_id = "{hcid}"
+assigning_authority = "{oid}.1"
+repository_unique_id = "{oid}.2"
+imaging_source_id = "{oid}.3"
+
 [server]
-listen = "127.0.0.1:0"
-certificate = "{c.gateway_cert}"
-private_key = "{c.gateway_key}"
-client_ca = "{c.ca_cert}"
+listen = "127.0.0.1:{port}"
+certificate = "{certs.gateway_cert}"
+private_key = "{certs.gateway_key}"
+client_ca = "{certs.ca_cert}"
+shutdown_timeout = 5
+
 [saml]
-trusted_issuers = "{c.ca_cert}"
-signing_certificate = "{c.partner_cert}"
-signing_key = "{c.partner_key}"
-[pacs]
-kind = "filesystem"
-path = "pacs"
-"""
+trusted_issuers = "{certs.ca_cert}"
+signing_certificate = "{certs.partner_cert}"
+signing_key = "{certs.partner_key}"
+
+{pacs}
+{extra}"""
 
 
 @dataclass
@@ -51,7 +61,7 @@ class Result:
 def workspace() -> tuple[Path, CertSet, Config]:
     d = Path(tempfile.mkdtemp(prefix="xig-bench-"))
     certs = init_certs(d / "pki")
-    (d / "xig.toml").write_text(CONFIG.format(c=certs))
+    (d / "xig.toml").write_text(gateway_toml(certs))
     return d, certs, load_config(d / "xig.toml")
 
 

@@ -45,6 +45,7 @@ from rich.console import Console
 
 from bench import rad75
 from bench.common import Result
+from bench.common import gateway_toml as common_gateway_toml
 from gateway.config import load_config
 from gateway.ihe import iti55
 from gateway.ihe.iti55 import PatientDemographics, PersonName
@@ -81,33 +82,7 @@ def partner_hcid(i: int) -> str:
 
 
 def gateway_toml(hcid: str, certs: CertSet, *, port: int = 0, extra: str = "") -> str:
-    oid = hcid.removeprefix("urn:oid:")
-    return f"""
-[gateway]
-home_community_id = "{hcid}"
-assigning_authority = "{oid}.1"
-repository_unique_id = "{oid}.2"
-imaging_source_id = "{oid}.3"
-
-[server]
-listen = "127.0.0.1:{port}"
-certificate = "{certs.gateway_cert}"
-private_key = "{certs.gateway_key}"
-client_ca = "{certs.ca_cert}"
-shutdown_timeout = 5
-
-[saml]
-trusted_issuers = "{certs.ca_cert}"
-signing_certificate = "{certs.partner_cert}"
-signing_key = "{certs.partner_key}"
-
-[database]
-url = "sqlite:///xig.db"
-
-[pacs]
-kind = "filesystem"
-path = "pacs"
-{extra}"""
+    return common_gateway_toml(certs, hcid=hcid, port=port, extra='[database]\nurl = "sqlite:///xig.db"\n' + extra)
 
 
 def partner_toml(name: str, hcid: str, base: str, *, timeout: float, rad75_too: bool = False) -> str:

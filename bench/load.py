@@ -48,7 +48,7 @@ from typing import IO, Any
 import httpx
 from rich.console import Console
 
-from bench.common import Result, machine_busy_seconds, tree_cpu_seconds
+from bench.common import Result, gateway_toml, machine_busy_seconds, tree_cpu_seconds
 from gateway.config import Config, load_config
 from gateway.dicom.kos import parse_kos
 from gateway.dicom.synth import make_study
@@ -204,29 +204,7 @@ async def timed(stats: Stats, call: Awaitable[Any], check: Callable[[Any], str |
 # The gateway under test and the reference server, each its own process
 # -------------------------------------------------------------------------------------------------
 
-CONFIG = """
-[gateway]
-home_community_id = "{hcid}"
-assigning_authority = "{aa}"
-repository_unique_id = "{repo}"
-imaging_source_id = "{source}"
-
-[server]
-listen = "127.0.0.1:0"
-certificate = "{c.gateway_cert}"
-private_key = "{c.gateway_key}"
-client_ca = "{c.ca_cert}"
-shutdown_timeout = 5
-
-[saml]
-trusted_issuers = "{c.ca_cert}"
-signing_certificate = "{c.partner_cert}"
-signing_key = "{c.partner_key}"
-
-[pacs]
-kind = "filesystem"
-path = "pacs"
-
+LOAD_SECTIONS = """
 [database]
 url = "{database}"
 
@@ -359,8 +337,7 @@ def prepare(work: Path, database_url: str, *, patients: int = PATIENTS, instance
     gw = work / "gw"
     gw.mkdir()
     (gw / "spool").mkdir()
-    (gw / "xig.toml").write_text(CONFIG.format(hcid=HCID, aa=AA, repo=REPO, source=SOURCE, c=certs,
-                                               database=database_url))
+    (gw / "xig.toml").write_text(gateway_toml(certs, hcid=HCID, extra=LOAD_SECTIONS.format(database=database_url)))
     demographics = []
     for i in range(patients):
         family, birth = FAMILIES[i % len(FAMILIES)], birth_date(i)

@@ -52,7 +52,7 @@ import httpx
 import psutil
 from rich.console import Console
 
-from bench.common import Result, machine_busy_seconds, tree_cpu_seconds
+from bench.common import Result, gateway_toml, machine_busy_seconds, tree_cpu_seconds
 from gateway.config import Config, load_config
 from gateway.dicom.kos import parse_kos
 from gateway.dicom.synth import derive_uid, make_study
@@ -208,30 +208,10 @@ def orthanc_with(specs: list[StudySpec], cache: Path) -> Iterator[OrthancServer]
 # A gateway in its own process
 # -------------------------------------------------------------------------------------------------
 
-CONFIG = """
-[gateway]
-home_community_id = "{hcid}"
-assigning_authority = "{aa}"
-repository_unique_id = "{repo}"
-imaging_source_id = "{source}"
-
-[server]
-listen = "127.0.0.1:{port}"
-certificate = "{c.gateway_cert}"
-private_key = "{c.gateway_key}"
-client_ca = "{c.ca_cert}"
-shutdown_timeout = 5
-
-[saml]
-trusted_issuers = "{c.ca_cert}"
-signing_certificate = "{c.partner_cert}"
-signing_key = "{c.partner_key}"
-
+RESPONDER = """
 [responder]
 rad75_root_part = "{root}"
 spool_dir = "spool"
-
-{pacs}
 """
 
 
@@ -251,8 +231,8 @@ class GatewayProcess:
         (workdir / "spool").mkdir(exist_ok=True)
         self.port = free_port()
         self.config_path = workdir / "xig.toml"
-        self.config_path.write_text(CONFIG.format(hcid=HCID, aa=AA, repo=REPO, source=SOURCE, port=self.port,
-                                                  c=certs, root=root, pacs=pacs))
+        self.config_path.write_text(gateway_toml(certs, hcid=HCID, port=self.port, pacs=pacs,
+                                                 extra=RESPONDER.format(root=root)))
         self.config: Config = load_config(self.config_path)
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
