@@ -1,4 +1,5 @@
-"""The store's behaviour (tests/test_store.py) holds on a real PostgreSQL exactly as on SQLite.
+"""Persistence: migrations, the KOS ledger (RAD-75 authorisation), patient links, jobs and the partner
+directory — the same behaviour on SQLite and on a real PostgreSQL.
 
 Every test runs on both databases (``db_url``): a fresh SQLite file and a fresh PostgreSQL database of
 a real server (:mod:`tests.postgres`). "Restart" means a new engine on the same URL, as a new process
@@ -18,7 +19,7 @@ from sqlalchemy import Engine, func, inspect, select
 
 from gateway.initiating.partners import Partner
 from gateway.store import tables
-from gateway.store.db import MIGRATIONS, applied_versions, make_engine, migrate, open_database
+from gateway.store.db import MIGRATIONS, applied_versions, make_engine, migrate, open_database, resolve_url
 from gateway.store.directory import SqlDirectory
 from gateway.store.jobs import JobInstance, JobStudy, SqlJobStore
 from gateway.store.ledger import SqlLedger, SqlPatientLinks
@@ -59,6 +60,12 @@ def test_postgresql_url_as_operators_write_it_uses_psycopg(pg_url: str, tmp_path
         assert applied_versions(engine) == {m.version for m in MIGRATIONS}
     finally:
         engine.dispose()
+
+
+def test_relative_sqlite_url_resolves_against_config_dir(tmp_path: Path) -> None:
+    assert resolve_url("sqlite:///var/xig.db", tmp_path) == f"sqlite:///{tmp_path}/var/xig.db"
+    assert (tmp_path / "var").is_dir()
+    assert resolve_url("postgresql://u@h/db", tmp_path) == "postgresql://u@h/db"
 
 
 def test_migrations_apply_once_and_concurrently(db_url: str) -> None:
@@ -148,6 +155,8 @@ def test_patient_links_upsert(engines: list[Engine]) -> None:
                    remote_home_community_id="urn:oid:2.999.2", remote_patient_id="R10",
                    remote_assigning_authority="2.999.2.1")
     links.remember(local_patient_id="P1", local_assigning_authority="2.999.1.1",
+                   remote_home_community_id="urn:oid:2.999.4")
+    links.remember(local_patient_id="P1", local_assigning_authority="2.999.1.1",  # no id: still one community
                    remote_home_community_id="urn:oid:2.999.4")
     assert links.communities_for("P1", "2.999.1.1") == ["urn:oid:2.999.2", "urn:oid:2.999.4"]
     assert links.communities_for("P2", "2.999.1.1") == []

@@ -11,13 +11,12 @@ facts and the transaction goes on (ITI TF-2 3.20.4.1.2: auditing must not stop t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Literal
@@ -214,13 +213,3 @@ class Auditor:
         self._record(lambda: [events.application_activity(when=now, source=self.source, started=started,
                                                           process=self.process)],
                      "application start" if started else "application stop")
-
-
-@contextlib.contextmanager
-def acting_for(user: events.Requestor | None) -> Iterator[None]:
-    """Within the block, PACS legs are audited as done on behalf of ``user``."""
-    token = current_requestor.set(user)
-    try:
-        yield
-    finally:
-        current_requestor.reset(token)

@@ -3,8 +3,6 @@ and the observers that audit each exchange once it is over."""
 
 from __future__ import annotations
 
-import logging
-
 from gateway.audit.auditor import Auditor, current_requestor
 from gateway.audit.events import Requestor
 from gateway.errors import SoapFault
@@ -12,8 +10,6 @@ from gateway.responding.assembly import RespondingServices
 from gateway.web.app import Handler, RequestContext, SoapResponse
 from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCAI_RETRIEVE, XCPD
 from gateway.web.exchange import Exchange, LifecycleEvent, TlsFailure
-
-log = logging.getLogger("xig.audit")
 
 
 def responding_handlers(services: RespondingServices) -> dict[str, Handler]:
