@@ -40,6 +40,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.config import Config
 from gateway.security.tls import server_context
+from gateway.web import loop as event_loop
 from gateway.web.app import ABORT_CONNECTION, DISCONNECT_PROBE, PEER_CERTIFICATE, GatewayApp, Handler
 from gateway.web.exchange import (
     ExchangeObserver,
@@ -132,20 +133,29 @@ class _TlsH11(H11Protocol):
     _xig_raw: asyncio.Transport | None = None  # the TCP transport under TLS
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]  # nothing is read until TLS is up
-        task = asyncio.get_running_loop().create_task(self._handshake(transport))  # type: ignore[arg-type]
+        # TLS takes over the connection right here, before a byte is read: what asyncio's ``loop.start_tls``
+        # does, minus its first event-loop turn (uvloop starts reading a new connection as soon as this
+        # returns, so a ``pause_reading()`` here would not hold and the ClientHello would reach h11)
+        raw: asyncio.Transport = transport  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
         state = self.xig_tls
+        waiter: asyncio.Future[None] = loop.create_future()
+        pending = _Pending()
+        tls_protocol = event_loop.ssl_protocol(loop, pending, state.context, waiter,
+                                               handshake_timeout=SSL_HANDSHAKE_TIMEOUT,
+                                               shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
+        raw.set_protocol(tls_protocol)
+        tls_protocol.connection_made(raw)
+        task = loop.create_task(self._handshake(raw, tls_protocol, waiter, pending))
         state.handshakes.add(task)
         task.add_done_callback(state.handshakes.discard)
 
-    async def _handshake(self, raw: asyncio.Transport) -> None:
+    async def _handshake(self, raw: asyncio.Transport, tls_protocol: asyncio.BaseProtocol,
+                         waiter: asyncio.Future[None], pending: _Pending) -> None:
         state = self.xig_tls
         peer = raw.get_extra_info("peername") or (None, None)
-        pending = _Pending()
         try:
-            tls = await asyncio.get_running_loop().start_tls(
-                raw, pending, state.context, server_side=True, ssl_handshake_timeout=SSL_HANDSHAKE_TIMEOUT,
-                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
+            await waiter
         except asyncio.CancelledError:
             raw.abort()
             raise
@@ -160,7 +170,8 @@ class _TlsH11(H11Protocol):
             log.warning("TLS handshake with %s:%s failed: %s", failure.peer_host, failure.peer_port, failure.reason)
             notify(state.observers, failure, "TLS failure")
             return
-        if tls is None or pending.lost:
+        tls: asyncio.Transport = tls_protocol._get_app_transport()  # type: ignore[attr-defined]
+        if pending.lost:
             log.debug("connection from %s:%s closed before the TLS handshake completed", peer[0], peer[1])
             raw.abort()
             return
@@ -436,7 +447,7 @@ def serve(config: Config, handlers: Mapping[str, Handler] | None = None, **kwarg
     kwargs.setdefault("log_level", "info")
     gateway = GatewayServer(config, handlers, **kwargs)
     with gateway.server.capture_signals():  # graceful shutdown on SIGINT/SIGTERM, as uvicorn.Server.run does
-        asyncio.run(gateway.serve())
+        event_loop.run(gateway.serve(), config.server.event_loop)
 
 
 class BackgroundServer:
@@ -469,7 +480,7 @@ class BackgroundServer:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self.gateway_server.serve(sockets=[self.socket]))
+            event_loop.run(self.gateway_server.serve(sockets=[self.socket]), self.config.server.event_loop)
         except BaseException as exc:  # noqa: BLE001 - reported by start()/stop()
             self._error = exc
             self.server.ready.set()

@@ -16,7 +16,6 @@ self-pipe for signals — no polling.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -33,6 +32,7 @@ from typing import cast
 
 from gateway.config import Config
 from gateway.errors import XigError
+from gateway.web import loop as event_loop
 from gateway.web.server import ABORT_GRACE, bind
 
 log = logging.getLogger("xig.workers")
@@ -86,7 +86,7 @@ def _worker_main(config: Config, sock: socket.socket, ready: Connection, lifelin
 
     threading.Thread(target=watch_parent, name="xig-lifeline", daemon=True).start()
     with gateway.server.capture_signals():  # graceful shutdown on SIGINT/SIGTERM, after which the services close
-        asyncio.run(gateway.serve(sockets=[sock]))
+        event_loop.run(gateway.serve(sockets=[sock]), config.server.event_loop)
 
 
 # -------------------------------------------------------------------------------------------------
