@@ -484,7 +484,10 @@ def read_answer(path: Path) -> tuple[int, dict[str, str], Iterator[bytes]]:
 
     def event() -> Any:
         while True:
-            e = conn.next_event()
+            try:
+                e = conn.next_event()
+            except h11.RemoteProtocolError as exc:  # e.g. the file ends before the body does
+                raise RuntimeError(f"the HTTP answer ended early or is malformed: {exc}") from None
             if e is not h11.NEED_DATA:
                 return e
             conn.receive_data(f.read(MB))

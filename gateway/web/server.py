@@ -1,13 +1,16 @@
 """Run the ASGI app behind real TLS with uvicorn (h11), requiring client certificates.
 
 TLS is terminated by XIG's own h11 protocol rather than by uvicorn: uvicorn's listener is plain TCP,
-and each accepted connection is upgraded with ``loop.start_tls`` using our SSL context (TLS floor,
-BCP 195 ciphers, client certificate required). Doing the handshake ourselves gives three things
-uvicorn cannot: a failed handshake is *reported* (:class:`~gateway.web.exchange.TlsFailure` to the
-``tls_failure_observers``; asyncio only logs it in debug mode), the TLS close timeout is bounded
-(:data:`SSL_SHUTDOWN_TIMEOUT`), and the peer's certificate (DER) is put into the ASGI ``state`` of
-each request of that connection together with a hook that aborts the connection (used when a
-streamed response must be cut off).
+and each accepted connection is handed, inside ``connection_made``, to the event loop's own TLS
+protocol (asyncio's or uvloop's ``SSLProtocol``, built as ``loop.start_tls`` builds it; see
+:func:`gateway.web.loop.ssl_protocol`) with our SSL context (TLS floor, BCP 195 ciphers, client
+certificate required). Not ``loop.start_tls`` itself: it swaps the protocol one event-loop turn later,
+and uvloop starts reading a new connection as soon as ``connection_made`` returns. Doing the handshake
+ourselves gives three things uvicorn cannot: a failed handshake is *reported*
+(:class:`~gateway.web.exchange.TlsFailure` to the ``tls_failure_observers``; asyncio only logs it in
+debug mode), the TLS close timeout is bounded (:data:`SSL_SHUTDOWN_TIMEOUT`), and the peer's
+certificate (DER) is put into the ASGI ``state`` of each request of that connection together with a
+hook that aborts the connection (used when a streamed response must be cut off).
 
 Graceful shutdown (SIGINT/SIGTERM for ``serve``, :meth:`BackgroundServer.stop`):
 

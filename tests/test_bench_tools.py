@@ -1,0 +1,85 @@
+"""The benchmarks' own machinery: the lean receiving client of ``bench.rad75`` and the thin partners of
+``bench.initiating`` (no timing is asserted: the figures are the benchmarks' job).
+
+The receiving client must deliver exactly the bytes a server sent and refuse a truncated answer, or the
+RAD-75 figures would count bytes that never arrived. The thin XCPD partners must do the real mutual TLS
+handshake and check the first request each of them gets with XIG's complete inbound pipeline, or the
+fan-out figure would be measured against partners that accept anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+
+from bench.initiating import DEMOGRAPHICS, STATION_HCID, PartnerFarm, gateway_toml, partner_hcid, partner_toml
+from bench.rad75 import http_request, read_answer, receive
+from gateway.config import Config, load_config
+from gateway.errors import WSSE_INVALID_SECURITY
+from gateway.ihe import iti55
+from gateway.initiating.client import PartnerClient, open_soap_client
+from gateway.initiating.partners import PartnerDirectory
+from gateway.security.certs import CertSet
+from gateway.security.tls import client_context
+from gateway.web.client import SoapClient, TransportError
+from gateway.web.endpoints import XCPD
+from gateway.web.server import BackgroundServer
+
+
+def test_read_answer_dechunks_and_refuses_a_truncated_answer(tmp_path: Path) -> None:
+    answer = tmp_path / "answer"
+    answer.write_bytes(b"HTTP/1.1 200 OK\r\nContent-Type: multipart/related; boundary=b\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    status, headers, chunks = read_answer(answer)
+    assert status == 200 and headers["content-type"] == "multipart/related; boundary=b"
+    assert b"".join(chunks) == b"hello world"
+
+    answer.write_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly a part")  # the server went away
+    _, _, chunks = read_answer(answer)
+    with pytest.raises(RuntimeError, match="ended early"):
+        b"".join(chunks)
+
+
+def test_receive_writes_the_whole_answer_over_mutual_tls(config: Config, pki: CertSet, tmp_path: Path) -> None:
+    with BackgroundServer(config, {}) as server:
+        url = server.url + "/health"
+        seconds = receive(url, http_request("GET", url, {"Accept": "application/json"}), tmp_path / "answer",
+                          client_context(pki.partner_cert, pki.partner_key, pki.ca_cert))
+    status, headers, chunks = read_answer(tmp_path / "answer")
+    body = json.loads(b"".join(chunks))
+    assert seconds > 0 and status == 200 and headers["content-type"] == "application/json"
+    assert body["home_community_id"] == config.gateway.home_community_id
+
+
+def test_thin_partners_do_mutual_tls_and_check_each_first_request(pki: CertSet, tmp_path: Path) -> None:
+    (tmp_path / "farm").mkdir()
+    with PartnerFarm(tmp_path / "farm", pki.directory, "light") as farm:
+        (tmp_path / "ig").mkdir()
+        (tmp_path / "ig" / "xig.toml").write_text(gateway_toml(STATION_HCID, pki, extra="".join(
+            partner_toml(f"partner-{i:02d}", partner_hcid(i), farm.urls[i], timeout=10) for i in (3, 5))))
+        cfg = load_config(tmp_path / "ig" / "xig.toml")
+        directory = PartnerDirectory.from_config(cfg)
+        three, five = (directory.lookup(f"partner-{i:02d}") for i in (3, 5))
+        assert three is not None and five is not None and three.xcpd_url and five.xcpd_url
+
+        async def exchanges() -> None:
+            body, _ = iti55.build_request(DEMOGRAPHICS, sender_device_id=STATION_HCID,
+                                          home_community_id=STATION_HCID, receiver_device_id=three.hcid_oid,
+                                          receiver_home_community_id=three.home_community_id)
+            # partner 3's first request carries no assertion: XIG's inbound checks refuse it
+            async with open_soap_client(cfg) as soap:
+                reply = await soap.call(three.xcpd_url, body, XCPD.request_action)
+                assert reply.fault is not None and reply.fault.subcode == WSSE_INVALID_SECURITY
+                # partner 5's first request is XIG's own, signed: checked in full and answered NF
+                outcome = await PartnerClient(cfg, five, soap).discover(DEMOGRAPHICS, local_patient_id="T-1")
+                assert outcome.status == "no-match" and outcome.home_community_id == partner_hcid(5)
+                assert outcome.warnings == ()  # acknowledgement/targetMessage is our message id
+            # no client certificate: the handshake is refused
+            async with SoapClient(client_context(None, None, pki.ca_cert)) as bare:
+                with pytest.raises(TransportError):
+                    await bare.call(three.xcpd_url, body, XCPD.request_action)
+
+        anyio.run(exchanges)
