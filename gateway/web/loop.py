@@ -3,8 +3,9 @@
 ``[server] event_loop``: ``"uvloop"`` (libuv, the default) or ``"asyncio"`` (the standard library's).
 uvloop's TLS and socket layers are compiled: measured by ``bench/rad75.py`` on this project's 2-core
 machine, the gateway process spends about a quarter less CPU per byte of a RAD-75 stream than on
-asyncio's own loop. Everything XIG does on the loop (``loop.start_tls``, transports, ``call_later``,
-threads through anyio) works the same on both; ``"asyncio"`` stays available as a fallback.
+asyncio's own loop. Everything XIG does on the loop (its TLS set-up, transports, ``call_later``,
+threads through anyio) works the same on both (the TLS set-up is tested on both), and ``"asyncio"``
+stays available as a fallback.
 """
 
 from __future__ import annotations
