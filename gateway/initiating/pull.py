@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import anyio.to_thread
 from pydicom import dcmread
 
@@ -30,7 +31,7 @@ from gateway.errors import XigError
 from gateway.ihe import ebrim
 from gateway.ihe.ebrim import DCM_OID, DocumentEntry
 from gateway.ihe.iti55 import PatientDemographics, PersonName
-from gateway.initiating.client import ImageRequest, PartnerClient, RetrievedManifest, open_soap_client
+from gateway.initiating.client import ImageRequest, ImagesOutcome, PartnerClient, RetrievedManifest, open_soap_client
 from gateway.initiating.fanout import CommunityDocuments, discover_all, find_all
 from gateway.initiating.partners import Partner, PartnerDirectory
 from gateway.pacs.base import PacsBackend
@@ -235,28 +236,49 @@ class PullPriors:
         policy = self._policy(study.home_community_id)
         client = self._client(self.config, partner, soap)
         size = partner.max_documents_per_request
-        for start in range(0, len(pending), size):
-            batch = pending[start:start + size]
-            items = [ImageRequest(i.home_community_id, i.repository_unique_id, i.study_instance_uid,
-                                  i.series_instance_uid, i.sop_instance_uid) for i in batch]
-            outcome = await client.retrieve_images(items, sink_factory=lambda _: mtom.FileSink(spool, durable=False),
-                                                   transfer_syntaxes=self.config.import_.transfer_syntaxes)
-            ready: list[tuple[JobInstance, Path]] = []
-            for inst in batch:
-                r = outcome.results.get(inst.sop_instance_uid)
-                if r is None or not r.ok:
-                    reason = f"{r.error_code}: {r.error_context}" if r else "not answered"
-                    self._failed(job_id, inst, reason, result)
-                    continue
-                path = Path(r.delivered)
-                if await self._reconcile(job_id, inst, path, local, expected, policy, result):
-                    ready.append((inst, path))
-            await self._store(job_id, ready, result)
+        batches = [pending[start:start + size] for start in range(0, len(pending), size)]
+        # two stages, one batch apart: the next batch is retrieved (network, the partner's work) while this
+        # one is checked, reconciled and stored (local CPU and PACS); at most two batches sit in the spool
+        send, receive = anyio.create_memory_object_stream[tuple[list[JobInstance], ImagesOutcome]](0)
+
+        async def retrieve() -> None:
+            async with send:
+                for batch in batches:
+                    items = [ImageRequest(i.home_community_id, i.repository_unique_id, i.study_instance_uid,
+                                          i.series_instance_uid, i.sop_instance_uid) for i in batch]
+                    outcome = await client.retrieve_images(
+                        items, sink_factory=lambda _: mtom.FileSink(spool, durable=False),
+                        transfer_syntaxes=self.config.import_.transfer_syntaxes)
+                    await send.send((batch, outcome))
+
+        async def import_batches() -> None:
+            async with receive:
+                async for batch, outcome in receive:
+                    await self._import_batch(job_id, batch, outcome, local, expected, policy, result)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(retrieve)
+            tg.start_soon(import_batches)
         states = {i.state for i in self.store.instances(job_id)
                   if i.study_instance_uid == study.study_instance_uid}
         done = states == {"stored"}
         self.store.set_study(job_id, study.home_community_id, study.study_instance_uid,
                              state="imported" if done else "failed")
+
+    async def _import_batch(self, job_id: str, batch: Sequence[JobInstance], outcome: ImagesOutcome,
+                            local: LocalPatient, expected: Expected, policy: ReconcilePolicy,
+                            result: PullResult) -> None:
+        ready: list[tuple[JobInstance, Path]] = []
+        for inst in batch:
+            r = outcome.results.get(inst.sop_instance_uid)
+            if r is None or not r.ok:
+                reason = f"{r.error_code}: {r.error_context}" if r else "not answered"
+                self._failed(job_id, inst, reason, result)
+                continue
+            path = Path(r.delivered)
+            if await self._reconcile(job_id, inst, path, local, expected, policy, result):
+                ready.append((inst, path))
+        await self._store(job_id, ready, result)
 
     def _failed(self, job_id: str, inst: JobInstance, reason: str, result: PullResult) -> None:
         self.store.mark(job_id, inst.sop_instance_uid, "failed", error=reason)
@@ -266,11 +288,14 @@ class PullPriors:
     async def _reconcile(self, job_id: str, inst: JobInstance, path: Path, local: LocalPatient,
                          expected: Expected, policy: ReconcilePolicy, result: PullResult) -> bool:
         """Check the received file is the instance asked for and rewrite it to local identifiers in place."""
-        try:
-            sop = await anyio.to_thread.run_sync(lambda: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        def check_and_rewrite() -> None:  # one worker-thread call per instance
+            sop = str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
             if sop != inst.sop_instance_uid:
                 raise ReconcileError(f"asked for instance {inst.sop_instance_uid}, received {sop}: refused")
-            await anyio.to_thread.run_sync(lambda: reconcile_file(path, path, local, expected, policy))
+            reconcile_file(path, path, local, expected, policy)
+
+        try:
+            await anyio.to_thread.run_sync(check_and_rewrite)
         except (ReconcileError, OSError, ValueError) as exc:
             path.unlink(missing_ok=True)
             self._failed(job_id, inst, str(exc), result)

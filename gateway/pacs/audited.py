@@ -12,6 +12,8 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import anyio.to_thread
+
 from gateway.audit.auditor import Auditor
 from gateway.audit.events import StudyRef
 from gateway.ihe import ebrim
@@ -108,7 +110,8 @@ class AuditedPacs:
             raise
         error = (f"{len(result.failed)} instance(s) not stored: "
                  + "; ".join(f"{k}: {v}" for k, v in list(result.failed.items())[:5])) if result.failed else None
-        self.auditor.pacs("store", pacs=self.label, studies=[StudyRef(s) for s in _studies(files)], error=error)
+        studies = await anyio.to_thread.run_sync(_studies, files)  # header reads: not on the event loop
+        self.auditor.pacs("store", pacs=self.label, studies=[StudyRef(s) for s in studies], error=error)
         return result
 
     async def aclose(self) -> None:
