@@ -225,11 +225,11 @@ class TlsRecorder:
         return list(self.items)
 
 
-@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
 async def test_tls_handshake_failures_are_reported(config: Config, pki: CertSet, rogue_pki: CertSet,
-                                                   event_loop: str) -> None:
+                                                   loop_kind: str) -> None:
     """On both event loops XIG serves on: TLS takes over each connection before a byte is read."""
-    config = config.model_copy(update={"server": config.server.model_copy(update={"event_loop": event_loop})})
+    config = config.model_copy(update={"server": config.server.model_copy(update={"event_loop": loop_kind})})
     failures = TlsRecorder()
     server = BackgroundServer(config, {XCA_QUERY.transaction: query}, tls_failure_observers=[failures]).start()
     url = server.url + XCA_QUERY.path
