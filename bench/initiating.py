@@ -52,7 +52,7 @@ import psutil
 from rich.console import Console
 
 from bench import rad75
-from bench.common import Result
+from bench.common import Result, host_speed
 from bench.common import gateway_toml as common_gateway_toml
 from gateway.config import load_config
 from gateway.ihe import iti55
@@ -329,6 +329,7 @@ class PartnerFarm:
 def fanout(work: Path) -> list[Result]:
     """Both partner farms: "light" (the goal's figure) and "xig" (50 full XIG servers in one process)."""
     certs = init_certs(work / "pki")
+    _say(f"host speed: {host_speed()} (the fan-out is CPU-bound: its figures move with this)")
     return [*_fanout(work, certs, "light"), *_fanout(work, certs, "xig")]
 
 
