@@ -269,11 +269,13 @@ async def test_retrieval_past_the_shutdown_timeout_is_aborted_and_spool_removed(
     assert last.transaction == "RAD-75" and last.rejected == "shutdown" and last.outcome == "busy"
 
 
-async def test_stream_cut_off_at_shutdown_never_looks_complete(tmp_path: Path, pki: CertSet) -> None:
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+async def test_stream_cut_off_at_shutdown_never_looks_complete(tmp_path: Path, pki: CertSet, loop_kind: str) -> None:
     """Root-last RAD-75 streams instance 1 and stalls: at the timeout the connection is closed mid-package."""
     recorder = Recorder()
     cfg, server, gate, _ = imaging_gateway(tmp_path, pki, root="last", hold_before=1,
-                                           server_extra="shutdown_timeout = 1.0", observers=[recorder])
+                                           server_extra=f'shutdown_timeout = 1.0\nevent_loop = "{loop_kind}"',
+                                           observers=[recorder])
     out = tmp_path / "images"
     out.mkdir()
     try:
@@ -292,8 +294,10 @@ async def test_stream_cut_off_at_shutdown_never_looks_complete(tmp_path: Path, p
     assert last.bytes_out > 0 and last.response_body is None  # the root (with the status) was never sent
 
 
-async def test_idle_keepalive_connection_does_not_delay_stop(tmp_path: Path, pki: CertSet) -> None:
-    cfg, server, gate, _ = imaging_gateway(tmp_path, pki, server_extra="shutdown_timeout = 60.0")
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+async def test_idle_keepalive_connection_does_not_delay_stop(tmp_path: Path, pki: CertSet, loop_kind: str) -> None:
+    cfg, server, gate, _ = imaging_gateway(tmp_path, pki,
+                                           server_extra=f'shutdown_timeout = 60.0\nevent_loop = "{loop_kind}"')
     ctx = client_context(pki.partner_cert, pki.partner_key, pki.ca_cert)
     try:
         async with httpx.AsyncClient(verify=ctx) as http:
