@@ -340,7 +340,9 @@ def test_a_repository_refusing_our_certificate_gets_everything_once_it_trusts_us
     kept = [message(f"R{i}") for i in range(5)]
     for m in kept:
         trail.record(m)
-    assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30)
+    # on failure: what the trail and the repository saw (this wait once ran out in a full-suite run)
+    assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30), (
+        trail.status(), refusing.log())
     assert repo_status(trail)["pending"] == len(kept) and repo_status(trail)["delivered"] == 0
     assert received_xml(refusing) == Counter()
     refusing.stop()
