@@ -222,6 +222,77 @@ def test_credentials_and_trust_files(pki: SamlPki, tmp_path: Path) -> None:
         pki.policy(required_attributes=frozenset({"favourite_colour"}))
 
 
+# ------------------------------------------------------------------- our signer against the libraries
+
+def _unsigned(pki: SamlPki, **kw: object) -> etree._Element:
+    assertion = build(pki, **kw)  # type: ignore[arg-type]
+    assertion.remove(assertion.find(DS_SIGNATURE))
+    return assertion
+
+
+def _signxml_signature(assertion: etree._Element, pki: SamlPki) -> bytes:
+    """signxml's enveloped RSA-SHA256 signature of a standalone copy of ``assertion``, serialised."""
+    from signxml.algorithms import CanonicalizationMethod, DigestAlgorithm, SignatureConstructionMethod, SignatureMethod
+    from signxml.signer import XMLSigner
+
+    work = etree.fromstring(etree.tostring(assertion))
+    placeholder = etree.Element(DS_SIGNATURE, nsmap={"ds": ns.DS})
+    placeholder.set("Id", "placeholder")
+    work.find(S("Issuer")).addnext(placeholder)
+    signer = XMLSigner(method=SignatureConstructionMethod.enveloped, signature_algorithm=SignatureMethod.RSA_SHA256,
+                       digest_algorithm=DigestAlgorithm.SHA256,
+                       c14n_algorithm=CanonicalizationMethod.EXCLUSIVE_XML_CANONICALIZATION_1_0)
+    signer.namespaces = {"ds": ns.DS}
+    key_info = copy.deepcopy(build(pki).find(f"{DS_SIGNATURE}/{D('KeyInfo')}"))
+    signed = signer.sign(work, key=pki.creds.private_key, key_info=key_info)
+    return etree.tostring(signed.find(DS_SIGNATURE), method="c14n", exclusive=True)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["standalone", "inside-an-envelope"])
+def test_rsa_sha256_signature_is_byte_identical_to_signxml(pki: SamlPki, nested: bool) -> None:
+    """Our signer writes XML-DSig out by hand (lxml c14n + cryptography); signxml, the library it replaces,
+    must produce exactly the same signature — PKCS#1 v1.5 is deterministic, so any difference in the
+    digested or signed bytes would show."""
+    assertion = _unsigned(pki)
+    expected = _signxml_signature(assertion, pki)
+    if nested:  # re-signing in place inside a larger document that declares other namespaces
+        envelope = etree.Element(f"{{{ns.SOAP12}}}Envelope", nsmap={"s": ns.SOAP12, "x": "urn:example:other"})
+        etree.SubElement(envelope, f"{{{ns.SOAP12}}}Header").append(assertion)
+    sign_assertion(assertion, pki.creds)
+    assert etree.tostring(assertion.find(DS_SIGNATURE), method="c14n", exclusive=True) == expected
+    received = reparse(assertion)
+    received = received if received.tag == S("Assertion") else received.find(f".//{S('Assertion')}")
+    assert verify_assertion(received, pki.policy()).signature_algorithm == SIG_RSA_SHA256
+
+
+def test_rsa_sha1_signature_matches_libxmlsec(pki: SamlPki) -> None:
+    """RSA-SHA1 (legacy peers): the digest and signature values libxmlsec1 computes from the same template."""
+    import xmlsec
+
+    assertion = _unsigned(pki, signature_algorithm="rsa-sha1")
+    assertion_id = assertion.get("ID")
+    name = "saml2:Assertion"
+    doc = etree.fromstring(f"<!DOCTYPE {name} [<!ATTLIST {name} ID ID #IMPLIED>]>".encode() + etree.tostring(assertion),
+                           etree.XMLParser(collect_ids=True))
+    template = xmlsec.template.create(doc, xmlsec.constants.TransformExclC14N, xmlsec.constants.TransformRsaSha1,
+                                      ns="ds")
+    doc.find(S("Issuer")).addnext(template)
+    reference = xmlsec.template.add_reference(template, xmlsec.constants.TransformSha1, uri="#" + assertion_id)
+    xmlsec.template.add_transform(reference, xmlsec.constants.TransformEnveloped)
+    xmlsec.template.add_transform(reference, xmlsec.constants.TransformExclC14N)
+    for element in template.iter():  # libxmlsec1 indents its template; ours has no whitespace between elements
+        element.text = element.text if (element.text or "").strip() else None
+        element.tail = None
+    context = xmlsec.SignatureContext()
+    context.key = xmlsec.Key.from_file(str(pki.certs.gateway_key), xmlsec.constants.KeyDataFormatPem)
+    context.sign(template)
+    sign_assertion(assertion, pki.creds, signature_algorithm="rsa-sha1")
+    ours = assertion.find(DS_SIGNATURE)
+    for path in (f".//{D('DigestValue')}", D("SignatureValue")):
+        assert base64.b64decode(ours.findtext(path)) == base64.b64decode(template.findtext(path))
+    assert ours.find(f"{D('SignedInfo')}/{D('SignatureMethod')}").get("Algorithm") == SIG_RSA_SHA1
+
+
 # ------------------------------------------------------------------------------- xmlsec1 (independent)
 
 @pytest.mark.parametrize("algorithm", ["rsa-sha256", "rsa-sha1"])
