@@ -432,7 +432,8 @@ def _tree_bytes(path: Path) -> tuple[int, int]:
 def pull_rss(orthanc: OrthancServer, work: Path, spec: rad75.StudySpec) -> list[Result]:
     certs = init_certs(work / "pki")
     # one Orthanc WADO-RS of the 2 GB study: the throughput reference
-    wado = rad75._wado_once(f"{orthanc.dicomweb_url}/studies/{spec.study_uid}", spec, work)
+    assert orthanc.process is not None
+    wado = rad75._wado_once(f"{orthanc.dicomweb_url}/studies/{spec.study_uid}", spec, work, orthanc.process.pid).rate
     _say(f"reference: Orthanc WADO-RS of {spec.instances} instances {wado:.0f} MB/s")
     with rad75.GatewayProcess(work / "responder", certs, rad75.pacs_section("dicomweb", orthanc), "last") as gw:
         station = work / "station"

@@ -42,6 +42,7 @@ import os
 import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -541,27 +542,49 @@ def _fresh(parent: Path) -> Path:
 # Benchmarks
 # -------------------------------------------------------------------------------------------------
 
-def wado_reference(orthanc: OrthancServer, spec: StudySpec, work: Path) -> float:
-    """Orthanc's WADO-RS of the whole study streamed to one file: MB/s, best of :data:`RUNS`."""
+@dataclass
+class Transfer:
+    """One timed transfer: MB/s, and the CPU seconds the client and the server process used meanwhile."""
+
+    rate: float
+    client_cpu: float
+    server_cpu: float
+
+
+def _timed_receive(server_pid: int, *args: Any, **kwargs: Any) -> tuple[float, float, float]:
+    """:func:`receive` with the CPU seconds of this process and of ``server_pid`` during it: (seconds, client
+    CPU, server CPU). Server CPU comes from /proc in clock ticks (10 ms)."""
+    server = psutil.Process(server_pid)
+    s0, c0 = sum(server.cpu_times()[:2]), time.process_time()
+    seconds = receive(*args, **kwargs)
+    return seconds, time.process_time() - c0, sum(server.cpu_times()[:2]) - s0
+
+
+def wado_reference(orthanc: OrthancServer, spec: StudySpec, work: Path) -> list[Transfer]:
+    """Orthanc's WADO-RS of the whole study streamed to one file, :data:`RUNS` times (after a warm-up)."""
     url = f"{orthanc.dicomweb_url}/studies/{spec.study_uid}"
-    _wado_once(url, spec, work)  # warm-up: the first read after start-up comes from a cold cache
+    assert orthanc.process is not None
+    _wado_once(url, spec, work, orthanc.process.pid)  # warm-up: the first read after start-up is from a cold cache
     with Contention() as other:
-        best = max(_wado_once(url, spec, work) for _ in range(RUNS))
-    _say(f"reference: Orthanc WADO-RS of {spec.instances} instances {best:.0f} MB/s ({other})")
-    return best
+        runs = [_wado_once(url, spec, work, orthanc.process.pid) for _ in range(RUNS)]
+    _say(f"reference: Orthanc WADO-RS of {spec.instances} instances {max(r.rate for r in runs):.0f} MB/s; CPU-s "
+         f"per study (median): Orthanc {statistics.median(r.server_cpu for r in runs):.2f}, the client "
+         f"{statistics.median(r.client_cpu for r in runs):.2f} ({other})")
+    return runs
 
 
-def _wado_once(url: str, spec: StudySpec, work: Path) -> float:
+def _wado_once(url: str, spec: StudySpec, work: Path, orthanc_pid: int) -> Transfer:
     out = _fresh(work)
     try:
-        seconds = receive(url, http_request("GET", url, {"Accept": WADO_ACCEPT}), out / "answer")
+        seconds, client, server = _timed_receive(orthanc_pid, url, http_request("GET", url, {"Accept": WADO_ACCEPT}),
+                                                 out / "answer")
         status, _, chunks = read_answer(out / "answer")
         size = sum(len(c) for c in chunks)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     if status != 200 or size < 0.99 * spec.instances * spec.rows * spec.cols * spec.bits // 8:
         raise RuntimeError(f"WADO-RS answered HTTP {status} with only {size} bytes")
-    return size / MB / seconds
+    return Transfer(size / MB / seconds, client, server)
 
 
 def rad75_throughput(orthanc: OrthancServer, certs: CertSet, work: Path, kind: str, root: str,
@@ -651,9 +674,9 @@ def _tls_sender(certs_dir: str, total: int) -> None:
     event_loop.run(main(), "uvloop")  # the gateway's default event loop
 
 
-def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -> tuple[Result, float]:
+def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -> tuple[Result, list[Transfer]]:
     """The same partner receiving the same byte count from :func:`_tls_sender`: (MB/s best of :data:`RUNS`,
-    the sender's CPU seconds per stream)."""
+    every run with the client's and the sender's CPU seconds)."""
     total = int(spec.mb * MB * 1.003)  # the Part 10 files are ~0.3 % larger than their pixel data
     code = "import sys; from bench.rad75 import _tls_sender; _tls_sender(sys.argv[1], int(sys.argv[2]))"
     sender = subprocess.Popen([sys.executable, "-c", code, str(certs.directory), str(total)],
@@ -666,28 +689,30 @@ def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -
         url = f"https://127.0.0.1:{int(port)}/blob"
         ctx = client_context(certs.partner_cert, certs.partner_key, certs.ca_cert)
 
-        def once() -> float:
+        def once() -> Transfer:
             out = _fresh(work)
             try:
-                seconds = receive(url, http_request("POST", url, {}, b"x"), out / "answer", ctx)
+                seconds, client, server = _timed_receive(sender.pid, url, http_request("POST", url, {}, b"x"),
+                                                         out / "answer", ctx)
                 status, _, chunks = read_answer(out / "answer")
                 size = sum(len(c) for c in chunks)
                 if status != 200 or size != total:
                     raise RuntimeError(f"the bare TLS sender answered HTTP {status} with {size} of {total} bytes")
             finally:
                 shutil.rmtree(out, ignore_errors=True)
-            return total / MB / seconds
+            return Transfer(total / MB / seconds, client, server)
 
         with Contention() as other:
-            runs = [_cpu_of(sender.pid, once) for _ in range(RUNS)]
+            runs = [once() for _ in range(RUNS)]
     finally:
         stop_process(sender)
-    best = max(rate for rate, _ in runs)
-    cpu = min(seconds for _, seconds in runs)
+    best = max(r.rate for r in runs)
+    cpu = min(r.server_cpu for r in runs)
     _say(f"ceiling: a bare asyncio TLS sender → the same partner {best:.0f} MB/s → ratio {best / reference:.2f}; "
-         f"the sender used {cpu:.2f} CPU-s per stream = {spec.mb / cpu:.0f} MB per CPU-second ({other})")
+         f"the sender used {cpu:.2f} CPU-s per stream = {spec.mb / max(cpu, 0.01):.0f} MB per CPU-second, the "
+         f"client {statistics.median(r.client_cpu for r in runs):.2f} ({other})")
     return Result(f"Ceiling: one bare Python (asyncio) TLS stream of {spec.mb:.0f} MB to the same partner "
-                  "/ Orthanc WADO-RS", best, reference, "MB/s"), cpu
+                  "/ Orthanc WADO-RS", best, reference, "MB/s"), runs
 
 
 def peak_rss(orthanc: OrthancServer, certs: CertSet, work: Path, kind: str, root: str,
@@ -724,7 +749,8 @@ def run() -> list[Result]:
             certs = init_certs(work / "pki")
             specs = [SMALL, LARGE] if large else [SMALL]
             with orthanc_with(specs, cache) as orthanc:
-                ref = wado_reference(orthanc, SMALL, work)
+                reference = wado_reference(orthanc, SMALL, work)
+                ref = max(r.rate for r in reference)
                 ceiling, _ = tls_ceiling(certs, work, SMALL, ref)
                 results.append(ceiling)
                 streamed: Result | None = None

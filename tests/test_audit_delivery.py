@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import threading
 from collections import Counter
@@ -342,7 +343,7 @@ def test_a_repository_refusing_our_certificate_gets_everything_once_it_trusts_us
         trail.record(m)
     # on failure: what the trail and the repository saw (this wait once ran out in a full-suite run)
     assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30), (
-        trail.status(), refusing.log())
+        f"trail status: {json.dumps(trail.status(), default=str)}\nrepository log:\n{refusing.log()}")
     assert repo_status(trail)["pending"] == len(kept) and repo_status(trail)["delivered"] == 0
     assert received_xml(refusing) == Counter()
     refusing.stop()
