@@ -46,6 +46,7 @@ from gateway.security.saml import (
     VerificationPolicy,
     build_assertion,
     extract_identity,
+    format_instant,
     load_signing_credentials,
     load_trusted,
     normalize_oid_urn,
@@ -703,6 +704,10 @@ def test_instants_and_oids() -> None:
     assert parse_instant("2012-12-12T03:36:18+02:00") == dt.datetime(2012, 12, 12, 1, 36, 18, tzinfo=dt.UTC)
     with pytest.raises(ValueError):
         parse_instant("12/12/2012")
+    # UTC, milliseconds, and the four-digit year xs:dateTime needs (strftime's %Y gives "999" on glibc)
+    assert format_instant(dt.datetime(2012, 12, 12, 3, 36, 18, 999999, dt.timezone(dt.timedelta(hours=2)))) == (
+        "2012-12-12T01:36:18.999Z")
+    assert format_instant(dt.datetime(999, 1, 2, 3, 4, 5, tzinfo=dt.UTC)) == "0999-01-02T03:04:05.000Z"
     assert normalize_oid_urn("urn:oid:2.16.840.1.113883.3.9621}") == "urn:oid:2.16.840.1.113883.3.9621"
     assert normalize_oid_urn(" 1.1\n") == "urn:oid:1.1"
     assert normalize_oid_urn("urn:oid:2.16.08") is None

@@ -542,7 +542,7 @@ def date_bounds(partial: str) -> tuple[date, date]:
 
 def _timestamp(now: datetime | None) -> str:
     moment = (now or datetime.now(UTC)).astimezone(UTC)
-    return moment.strftime("%Y%m%d%H%M%S")
+    return f"{moment.year:04d}{moment.month:02d}{moment.day:02d}{moment.hour:02d}{moment.minute:02d}{moment.second:02d}"
 
 
 def normalise_hl7(element: etree._Element) -> etree._Element:

@@ -317,8 +317,9 @@ def utc_now(moment: datetime | None = None) -> datetime:
 
 def format_instant(moment: datetime) -> str:
     """xs:dateTime in UTC with milliseconds and ``Z`` (SAML Core §1.3.3 requires UTC)."""
-    m = utc_now(moment)
-    return m.strftime("%Y-%m-%dT%H:%M:%S") + f".{m.microsecond // 1000:03d}Z"
+    m = utc_now(moment)  # formatted by hand: strftime costs ~3 µs, six instants per outbound request
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+            f".{m.microsecond // 1000:03d}Z")
 
 
 def parse_instant(value: str) -> datetime:
