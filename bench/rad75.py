@@ -51,7 +51,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 from urllib.parse import urlsplit
 
 import h11
@@ -408,7 +408,8 @@ class Partner:
         out.mkdir(parents=True, exist_ok=True)
         answer = out / "answer"
         seconds = receive(url, http_request("POST", url, {
-            "Content-Type": content_type, "Accept": "application/soap+xml, multipart/related"}, data), answer, self.ctx)
+            "Content-Type": content_type, "Accept": "application/soap+xml, multipart/related"}, data), answer,
+            self.ctx).seconds
         status, headers, chunks = read_answer(answer)
         reply_type = headers.get("content-type", "")
         if status != 200:
@@ -437,18 +438,22 @@ def http_request(method: str, url: str, headers: dict[str, str], body: bytes = b
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def receive(url: str, request: bytes, out: Path, ctx: ssl.SSLContext | None = None, bufsize: int = MB) -> float:
-    """Send ``request`` to ``url``'s host and write every byte of the answer to ``out``: the seconds it took.
+def receive(url: str, request: bytes, out: Path | None, ctx: ssl.SSLContext | None = None,
+            bufsize: int = MB) -> Received:
+    """Send ``request`` to ``url``'s host and write every byte of the answer to ``out``: the seconds it took
+    and the bytes it got.
 
     The timed part of every client here (the reference, the ceiling, RAD-75): one blocking socket
     (TLS when ``ctx`` is given), reads into one 1 MiB buffer written to the file as it fills — as little
     work as receiving can be in Python, so the figures measure the servers, not the client. Parsing
-    happens afterwards (:func:`read_answer`).
+    happens afterwards (:func:`read_answer`). ``out=None`` receives and drops the answer (what the bound of
+    :func:`machine_bound` charges a gateway for reading from the PACS).
     """
     u = urlsplit(url)
     assert u.hostname is not None and u.port is not None
     t0 = time.perf_counter()
     sock = socket.create_connection((u.hostname, u.port), timeout=CALL_TIMEOUT)
+    total = 0
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ctx is not None:
@@ -457,7 +462,7 @@ def receive(url: str, request: bytes, out: Path, ctx: ssl.SSLContext | None = No
         buf = bytearray(bufsize)
         view = memoryview(buf)
         fill = 0
-        with out.open("wb", buffering=0) as f:
+        with out.open("wb", buffering=0) if out is not None else contextlib.nullcontext() as f:
             while True:
                 try:
                     n = sock.recv_into(view[fill:], bufsize - fill)
@@ -466,13 +471,21 @@ def receive(url: str, request: bytes, out: Path, ctx: ssl.SSLContext | None = No
                 if n == 0:
                     break
                 fill += n
+                total += n
                 if fill > bufsize - 64 * 1024:
-                    f.write(view[:fill])
+                    if f is not None:
+                        f.write(view[:fill])
                     fill = 0
-            f.write(view[:fill])
+            if f is not None:
+                f.write(view[:fill])
     finally:
         sock.close()
-    return time.perf_counter() - t0
+    return Received(time.perf_counter() - t0, total)
+
+
+class Received(NamedTuple):
+    seconds: float
+    size: int  #: bytes of the whole answer, HTTP head included
 
 
 def read_answer(path: Path) -> tuple[int, dict[str, str], Iterator[bytes]]:
@@ -551,33 +564,44 @@ class Transfer:
     server_cpu: float
 
 
-def _timed_receive(server_pid: int, *args: Any, **kwargs: Any) -> tuple[float, float, float]:
-    """:func:`receive` with the CPU seconds of this process and of ``server_pid`` during it: (seconds, client
-    CPU, server CPU). Server CPU comes from /proc in clock ticks (10 ms)."""
+def _timed_receive(server_pid: int, *args: Any, **kwargs: Any) -> tuple[Received, float, float]:
+    """:func:`receive` with the CPU seconds of this process and of ``server_pid`` during it: (what it
+    received, client CPU, server CPU). Server CPU comes from /proc in clock ticks (10 ms)."""
     server = psutil.Process(server_pid)
     s0, c0 = sum(server.cpu_times()[:2]), time.process_time()
-    seconds = receive(*args, **kwargs)
-    return seconds, time.process_time() - c0, sum(server.cpu_times()[:2]) - s0
+    got = receive(*args, **kwargs)
+    return got, time.process_time() - c0, sum(server.cpu_times()[:2]) - s0
 
 
-def wado_reference(orthanc: OrthancServer, spec: StudySpec, work: Path) -> list[Transfer]:
-    """Orthanc's WADO-RS of the whole study streamed to one file, :data:`RUNS` times (after a warm-up)."""
+def wado_reference(orthanc: OrthancServer, spec: StudySpec, work: Path) -> tuple[list[Transfer], list[Transfer]]:
+    """Orthanc's WADO-RS of the whole study streamed to one file, :data:`RUNS` times (after a warm-up); then
+    as many runs of a reader that drops what it receives (for :func:`machine_bound`)."""
     url = f"{orthanc.dicomweb_url}/studies/{spec.study_uid}"
     assert orthanc.process is not None
     _wado_once(url, spec, work, orthanc.process.pid)  # warm-up: the first read after start-up is from a cold cache
     with Contention() as other:
         runs = [_wado_once(url, spec, work, orthanc.process.pid) for _ in range(RUNS)]
+        dropping = [_wado_dropped(url, spec, orthanc.process.pid) for _ in range(RUNS)]
     _say(f"reference: Orthanc WADO-RS of {spec.instances} instances {max(r.rate for r in runs):.0f} MB/s; CPU-s "
          f"per study (median): Orthanc {statistics.median(r.server_cpu for r in runs):.2f}, the client "
-         f"{statistics.median(r.client_cpu for r in runs):.2f} ({other})")
-    return runs
+         f"{statistics.median(r.client_cpu for r in runs):.2f} (a reader dropping the bytes: "
+         f"{statistics.median(r.client_cpu for r in dropping):.2f}) ({other})")
+    return runs, dropping
+
+
+def _wado_dropped(url: str, spec: StudySpec, orthanc_pid: int) -> Transfer:
+    got, client, server = _timed_receive(orthanc_pid, url, http_request("GET", url, {"Accept": WADO_ACCEPT}), None)
+    if got.size < 0.99 * spec.instances * spec.rows * spec.cols * spec.bits // 8:
+        raise RuntimeError(f"WADO-RS answered only {got.size} bytes")
+    return Transfer(got.size / MB / got.seconds, client, server)
 
 
 def _wado_once(url: str, spec: StudySpec, work: Path, orthanc_pid: int) -> Transfer:
     out = _fresh(work)
     try:
-        seconds, client, server = _timed_receive(orthanc_pid, url, http_request("GET", url, {"Accept": WADO_ACCEPT}),
-                                                 out / "answer")
+        got, client, server = _timed_receive(orthanc_pid, url, http_request("GET", url, {"Accept": WADO_ACCEPT}),
+                                             out / "answer")
+        seconds = got.seconds
         status, _, chunks = read_answer(out / "answer")
         size = sum(len(c) for c in chunks)
     finally:
@@ -692,8 +716,9 @@ def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -
         def once() -> Transfer:
             out = _fresh(work)
             try:
-                seconds, client, server = _timed_receive(sender.pid, url, http_request("POST", url, {}, b"x"),
-                                                         out / "answer", ctx)
+                got, client, server = _timed_receive(sender.pid, url, http_request("POST", url, {}, b"x"),
+                                                     out / "answer", ctx)
+                seconds = got.seconds
                 status, _, chunks = read_answer(out / "answer")
                 size = sum(len(c) for c in chunks)
                 if status != 200 or size != total:
@@ -713,6 +738,32 @@ def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -
          f"client {statistics.median(r.client_cpu for r in runs):.2f} ({other})")
     return Result(f"Ceiling: one bare Python (asyncio) TLS stream of {spec.mb:.0f} MB to the same partner "
                   "/ Orthanc WADO-RS", best, reference, "MB/s"), runs
+
+
+def machine_bound(spec: StudySpec, reader: list[Transfer], ceiling: list[Transfer], reference: float) -> Result:
+    """The most RAD-75 throughput *any* gateway could reach on this machine — a CPU budget, not XIG's figure.
+
+    In front of a DICOMweb PACS a gateway needs at least: Orthanc serving the study, a read of its bytes
+    (:func:`_wado_dropped`: a reader that drops them), one TLS encryption and send (the bare sender of
+    :func:`tls_ceiling`), and the partner receiving and decrypting into its file (the ceiling's client, the
+    same work as RAD-75's client). Medians of CPU seconds measured during each transfer. All four share
+    this machine's CPUs, so a study cannot move faster than those CPUs run their sum, nor faster than one
+    bare TLS stream. A gateway whose own work (HTTP, multipart parsing, MTOM, Python) cost nothing would reach
+    this; the goal ratio is only reachable where the bound leaves room above it.
+    """
+    cpus = psutil.cpu_count() or 1
+    parts = {"Orthanc": statistics.median(r.server_cpu for r in reader),
+             "reading": statistics.median(r.client_cpu for r in reader),
+             "TLS sending": statistics.median(r.server_cpu for r in ceiling),
+             "the partner": statistics.median(r.client_cpu for r in ceiling)}
+    floor = sum(parts.values())
+    ceiling_rate = max(r.rate for r in ceiling)
+    bound = min(spec.mb * cpus / floor, ceiling_rate) if floor > 0 else ceiling_rate
+    _say(f"bound for any gateway here ({cpus} CPUs): {' + '.join(f'{k} {v:.2f}' for k, v in parts.items())} = "
+         f"{floor:.2f} CPU-s per study → at most {bound:.0f} MB/s = ratio {bound / reference:.2f} "
+         f"(the goal 0.6 needs {0.6 * reference:.0f} MB/s)")
+    return Result(f"Bound for any gateway on these {cpus} CPUs (PACS read + one TLS send + the partner, no "
+                  "gateway work) / Orthanc WADO-RS", bound, reference, "MB/s")
 
 
 def peak_rss(orthanc: OrthancServer, certs: CertSet, work: Path, kind: str, root: str,
@@ -749,10 +800,11 @@ def run() -> list[Result]:
             certs = init_certs(work / "pki")
             specs = [SMALL, LARGE] if large else [SMALL]
             with orthanc_with(specs, cache) as orthanc:
-                reference = wado_reference(orthanc, SMALL, work)
+                reference, dropping = wado_reference(orthanc, SMALL, work)
                 ref = max(r.rate for r in reference)
-                ceiling, _ = tls_ceiling(certs, work, SMALL, ref)
+                ceiling, ceiling_runs = tls_ceiling(certs, work, SMALL, ref)
                 results.append(ceiling)
+                results.append(machine_bound(SMALL, dropping, ceiling_runs, ref))
                 streamed: Result | None = None
                 for kind, root in (("dicomweb", "first"), ("dicomweb", "last"), ("dimse", "first"),
                                    ("dimse", "last")):

@@ -44,14 +44,18 @@ def test_read_answer_dechunks_and_refuses_a_truncated_answer(tmp_path: Path) -> 
 
 
 def test_receive_writes_the_whole_answer_over_mutual_tls(config: Config, pki: CertSet, tmp_path: Path) -> None:
+    ctx = client_context(pki.partner_cert, pki.partner_key, pki.ca_cert)
     with BackgroundServer(config, {}) as server:
         url = server.url + "/health"
-        seconds = receive(url, http_request("GET", url, {"Accept": "application/json"}), tmp_path / "answer",
-                          client_context(pki.partner_cert, pki.partner_key, pki.ca_cert))
+        request = http_request("GET", url, {"Accept": "application/json"})
+        got = receive(url, request, tmp_path / "answer", ctx)
+        dropped = receive(url, request, None, ctx)  # the same answer, counted and dropped
     status, headers, chunks = read_answer(tmp_path / "answer")
     body = json.loads(b"".join(chunks))
-    assert seconds > 0 and status == 200 and headers["content-type"] == "application/json"
+    assert got.seconds > 0 and status == 200 and headers["content-type"] == "application/json"
     assert body["home_community_id"] == config.gateway.home_community_id
+    assert got.size == (tmp_path / "answer").stat().st_size
+    assert abs(dropped.size - got.size) < 64 and dropped.seconds > 0  # only the Date header's digits may differ
 
 
 def test_thin_partners_do_mutual_tls_and_check_each_first_request(pki: CertSet, tmp_path: Path) -> None:
