@@ -7,6 +7,8 @@ import datetime as dt
 import itertools
 import json
 import os
+import socket
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from sqlalchemy import Engine, select, text
 from gateway.audit import events as ev
 from gateway.audit import syslog
 from gateway.audit.model import AuditMessage, AuditSource
-from gateway.audit.trail import AuditTrail
+from gateway.audit.trail import PROBATION_SECONDS, SETTLE_SECONDS, AuditTrail
 from gateway.audit.xml import parse, serialize, validate
 from gateway.config import Config, load_config
 from gateway.security.certs import CertSet
@@ -350,6 +352,72 @@ def test_a_repository_refusing_our_certificate_gets_everything_once_it_trusts_us
 
     trusting = rsyslogs(tmp_path / "trusting", certificate=pki.partner_cert, private_key=pki.partner_key,
                         client_ca=pki.ca_cert, tls_port=refusing.tls_port, udp_port=refusing.udp_port)
+    assert trail.wait_idle(60), trail.status()
+    trusting.wait_for(lambda got: received_xml(trusting) == Counter(serialize(m) for m in kept))
+
+
+class LateRefusal:
+    """A repository that accepts our TLS 1.3 handshake and refuses us ``delay`` seconds later — the refusal of a
+    busy repository checking our certificate: it closes each connection without reading a byte of it (the
+    kernel answers the unread data with a reset). A real TLS server on loopback, one thread per connection."""
+
+    def __init__(self, pki: CertSet, delay: float) -> None:
+        from gateway.security.tls import server_context
+        from tests.rsyslog import free_port
+
+        self.context = server_context(pki.partner_cert, pki.partner_key, pki.ca_cert)
+        self.delay = delay
+        self.port = free_port()
+        self.handshakes = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.2)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> LateRefusal:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._refuse_later, args=(raw,), daemon=True).start()
+
+    def _refuse_later(self, raw: socket.socket) -> None:
+        try:
+            raw.settimeout(10)
+            tls = self.context.wrap_socket(raw, server_side=True)  # the handshake completes: we are "accepted"
+            self.handshakes += 1
+            self._stop.wait(self.delay)  # judging the certificate takes this long; nothing is read meanwhile
+            tls.close()
+        except (OSError, ssl.SSLError):
+            raw.close()
+
+
+def test_a_repository_refusing_us_after_the_settle_time_still_gets_everything(
+        tmp_path: Path, pki: CertSet, rsyslogs: Callable[..., Rsyslog], trails: Any) -> None:
+    """A refusal slower than SETTLE_SECONDS but within PROBATION_SECONDS of the handshake: nothing a new
+    connection carried counts as delivered before the connection has proved itself, so nothing is lost."""
+    assert SETTLE_SECONDS < 0.8 < PROBATION_SECONDS
+    kept = [message(f"L{i}") for i in range(5)]
+    with LateRefusal(pki, delay=0.8) as late:
+        cfg = audit_config(tmp_path / "gw", pki, [{"transport": "tls", "host": "127.0.0.1", "port": late.port}])
+        trail, _ = trails(cfg)
+        for m in kept:
+            trail.record(m)
+        assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30), trail.status()
+        status = repo_status(trail)
+        assert late.handshakes >= 1 and status["delivered"] == 0 and status["pending"] == len(kept), status
+    trusting = rsyslogs(tmp_path / "trusting", certificate=pki.partner_cert, private_key=pki.partner_key,
+                        client_ca=pki.ca_cert, tls_port=late.port)
     assert trail.wait_idle(60), trail.status()
     trusting.wait_for(lambda got: received_xml(trusting) == Counter(serialize(m) for m in kept))
 

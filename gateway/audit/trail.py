@@ -23,7 +23,11 @@ still ``pending`` in the database — until the connection proved it arrived:
 1. the peer's TCP acknowledged every byte written so far (the socket's send queue, ``SIOCOUTQ``, is empty);
 2. :data:`SETTLE_SECONDS` later the connection is still healthy: not closed, not reset, no TLS alert. A
    receiver that dies or shuts down with unread data closes the connection with a reset; one that refuses
-   our client certificate after a TLS 1.3 handshake sends an alert — both show up here;
+   our client certificate after a TLS 1.3 handshake sends an alert or closes — both show up here;
+3. the connection is at least :data:`PROBATION_SECONDS` old and healthy. With TLS 1.3 our side finishes the
+   handshake before the repository has judged our certificate, and nothing but a refusal ever comes back
+   (a syslog receiver sends no data): a busy repository's refusal can take longer than
+   :data:`SETTLE_SECONDS`, and what a new connection carried would then count as delivered and be lost;
 
 and only then is it marked ``delivered``. When the connection breaks, every in-flight message is sent again
 on the next connection, and so are the messages confirmed within the last :data:`REPLAY_SECONDS` before the
@@ -32,10 +36,11 @@ storing it). After a restart of XIG everything not yet confirmed is sent again. 
 re-sent message is byte-for-byte the same syslog message as the first sending (same TIMESTAMP = recording
 time, HOSTNAME, APP-NAME, PROCID and XML, all stored with the message), so a repository or an auditor counts
 and removes duplicates by comparing messages. A message is lost only if the repository acknowledged it,
-stayed connected and healthy for :data:`SETTLE_SECONDS` and :data:`REPLAY_SECONDS` and still did not store
-it — that needs an application-level acknowledgement (RELP), which RFC 5425 does not have. UDP (RFC 5426)
-can only report an ICMP "port unreachable" (treated like a broken connection); anything else lost on the
-way goes unnoticed.
+stayed connected and healthy for :data:`SETTLE_SECONDS` (on a new connection: until it was
+:data:`PROBATION_SECONDS` old) and :data:`REPLAY_SECONDS` and still did not store it — that needs an
+application-level acknowledgement (RELP), which RFC 5425 does not have. UDP (RFC 5426) can only report
+an ICMP "port unreachable" (treated like a broken connection); anything else lost on the way goes
+unnoticed.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ log = logging.getLogger("xig.audit")
 
 #: seconds a connection must stay healthy after the peer acknowledged the bytes before they count as delivered
 SETTLE_SECONDS = 0.25
+#: a new connection confirms nothing before it has been open and healthy this long (see the module docstring)
+PROBATION_SECONDS = 2.0
 #: after a broken connection, messages confirmed this many seconds before are sent again too (at most
 #: ``4 * batch_size`` of them)
 REPLAY_SECONDS = 2.0
@@ -117,6 +124,7 @@ class _Deliverer:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._snapshot: tuple[int, float] | None = None  #: (in-flight count covered, when the peer had acked them)
         self._retry_at = 0.0
+        self._connected_at = 0.0  #: when the current connection was opened (monotonic)
         self._lease_until = 0.0
         self._dirty = True  #: the spool may hold rows not sent yet (woken by record(), or a full batch)
 
@@ -233,6 +241,8 @@ class _Deliverer:
         covered, since = self._snapshot
         if now - since < SETTLE_SECONDS:
             return SETTLE_SECONDS - (now - since)
+        if now - self._connected_at < PROBATION_SECONDS:
+            return PROBATION_SECONDS - (now - self._connected_at)
         if not conn.healthy():
             raise TransportError(conn.error or f"audit repository {self.key} broke the connection")
         confirmed, self._in_flight = self._in_flight[:covered], self._in_flight[covered:]
@@ -275,6 +285,7 @@ class _Deliverer:
                 if closing:
                     raise _Stop() from None
                 return self.trail.retry_seconds
+            self._connected_at = time.monotonic()
             self.state.connected = True
             self._dirty = True
             log.info("audit repository %s: connected", self.key)
