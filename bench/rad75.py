@@ -16,6 +16,11 @@ the gateway's, and was what limited the RAD-75 figure).
 * Ceiling: the same client receiving the same byte count over mutual TLS from a bare asyncio TLS server
   in its own process (the gateway's TLS context, event loop and write buffer, nothing else): what one
   Python TLS stream to this client can carry here, i.e. what a gateway with no work of its own would reach.
+* Bound: the ceiling and the reference run on the same CPUs as the gateway, so both are upper limits only
+  where CPUs are spare. :func:`machine_bound` adds up the CPU seconds (measured during each transfer) of
+  Orthanc serving the study to a reader that drops it, of that reader, of the bare TLS sender and of its
+  client, and divides by this machine's CPUs: what a gateway doing nothing but read and encrypt could
+  reach here. The goal is reachable on this machine only when the bound is above it.
 * RAD-75 of the same study through XIG (ITI-38 + ITI-39 once first, so the instances are authorised),
   DICOMweb and DIMSE (C-GET) backends × ``rad75_root_part`` "first" and "last" — MB/s, best of 3,
   as a ratio against the reference (the issue's goal: ≥ 0.6 with the DICOMweb backend); the log line
