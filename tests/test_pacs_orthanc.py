@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ from pathlib import Path
 import anyio
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.dicom.synth import SyntheticStudy, derive_uid, make_instance, make_study
 from gateway.pacs.base import (
@@ -30,7 +33,7 @@ from gateway.pacs.base import (
     RetrieveFailure,
 )
 from gateway.pacs.dicomweb import DicomwebBackend
-from gateway.pacs.dimse import DimseBackend
+from gateway.pacs.dimse import DimseBackend, _ReactorCheckpoint
 from tests.orthanc import OrthancServer
 
 SOURCE_ID = "2.999.77.1"
@@ -234,6 +237,45 @@ async def test_concurrent_retrieves(backend: PacsBackend, seeded: Seed) -> None:
         delivered, failed = results[name]
         # on failure the reasons say what the PACS answered (this once failed in a full-suite run, c-get)
         assert set(delivered) == {i.SOPInstanceUID for i in study.instances} and not failed, (name, failed)
+
+
+class _FreezingCheckpoint(_ReactorCheckpoint):
+    """Holds the association's reactor thread right after one of its ``wait()`` calls returned — where a
+    busy machine can preempt it — until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freeze_next = threading.Event()
+        self.frozen = threading.Event()
+        self.go_on = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        result = super().wait(timeout)
+        if self.freeze_next.is_set():
+            self.freeze_next.clear()
+            self.frozen.set()
+            self.go_on.wait(10)
+        return result
+
+
+def test_requests_wait_until_the_association_reactor_is_really_parked(orthanc: OrthancServer) -> None:
+    """pynetdicom pauses an association's reactor by polling a flag the reactor sets before ``wait()``: a
+    reactor just back from ``wait()`` looks paused and can still take (and drop) the first response of the
+    next request. XIG parks it first, and a park completes only once the reactor waits on it."""
+    backend = make_backend("c-get", orthanc)
+    assert isinstance(backend, DimseBackend)
+    with backend._association([(Verification, [ExplicitVRLittleEndian])]) as assoc:
+        checkpoint = _FreezingCheckpoint()
+        assoc._reactor_checkpoint = checkpoint  # type: ignore[assignment]
+        checkpoint.freeze_next.set()
+        assert checkpoint.frozen.wait(10)  # the reactor returned from wait() and is held there
+        assert assoc._is_paused  # what pynetdicom's own pause loop trusts: "paused"
+        assert not checkpoint.park(0.3)  # not parked: a request now could lose its response
+        checkpoint.go_on.set()
+        assert checkpoint.park(10)  # the reactor finished its round and waits on the cleared checkpoint
+        status = assoc.send_c_echo()
+        assert int(status.Status) == 0x0000
+    assert backend.open_associations == 0
 
 
 async def test_store_then_find(backend: PacsBackend, tmp_path: Path, request: pytest.FixtureRequest) -> None:

@@ -119,6 +119,72 @@ Item = RetrievedInstance | RetrieveFailure
 # Small helpers
 # -------------------------------------------------------------------------------------------------
 
+#: seconds to wait for an association's reactor thread to park before a request (it parks within ~1 ms)
+_PARK_TIMEOUT = 5.0
+
+
+class _ReactorCheckpoint:
+    """pynetdicom's reactor checkpoint (a :class:`threading.Event` it calls ``set``/``clear``/``wait`` on) that
+    can also say when the reactor thread is parked in ``wait``.
+
+    Each association runs a reactor thread that takes any DIMSE message it finds in the association's
+    queue and serves it as a *request*; a response it takes is dropped ("Received unexpected C-FIND service
+    message", pydicom/pynetdicom#875). Before sending a request, pynetdicom pauses the reactor with
+    ``clear()`` and then polls a flag the reactor sets *before* it calls ``wait()`` — so a reactor that has
+    just returned from ``wait()`` looks paused, runs one more round and can take the first response of the
+    request: one C-FIND match lost, an instance reported missing from the PACS (seen under load, in a test
+    of two concurrent retrieves). :meth:`park` returns only once the reactor waits on a cleared
+    checkpoint; requests made after it cannot lose a response.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._flag = True
+        self._parked = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            while not self._flag:
+                self._parked = True
+                self._cond.notify_all()
+                if not self._cond.wait(timeout):
+                    break
+            self._parked = False
+            return self._flag
+
+    def park(self, timeout: float) -> bool:
+        """Clear the checkpoint and wait until the reactor is parked on it (``False`` if it did not park in
+        ``timeout`` seconds: a reactor that ended with its association)."""
+        with self._cond:
+            self._flag = False
+            return self._cond.wait_for(lambda: self._parked, timeout)
+
+
+def _install_checkpoint(assoc: Association) -> None:
+    """Give a just-established association a :class:`_ReactorCheckpoint` (its own one is set: the reactor
+    picks the new one up on its next round)."""
+    assoc._reactor_checkpoint = _ReactorCheckpoint()  # type: ignore[assignment]
+
+
+def _park_reactor(assoc: Association) -> None:
+    """Before a request on ``assoc`` (C-ECHO/FIND/GET/MOVE/STORE or A-RELEASE): see :class:`_ReactorCheckpoint`."""
+    checkpoint = assoc._reactor_checkpoint
+    if isinstance(checkpoint, _ReactorCheckpoint) and not checkpoint.park(_PARK_TIMEOUT):
+        log.debug("DIMSE association reactor did not park within %s s", _PARK_TIMEOUT)
+
+
 
 
 
@@ -393,6 +459,7 @@ class DimseBackend:
                              evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), *handlers])
         if not assoc.is_established:
             raise PacsError(f"PACS {self._peer}: {self._why_not(assoc)}")
+        _install_checkpoint(assoc)
         with self._assoc_lock:
             self.open_associations += 1
         try:
@@ -402,6 +469,7 @@ class DimseBackend:
                 self.open_associations -= 1
             if assoc.is_established:
                 try:
+                    _park_reactor(assoc)
                     assoc.release()
                 except Exception:  # noqa: BLE001 - releasing a broken association: abort instead
                     assoc.abort()
@@ -412,6 +480,7 @@ class DimseBackend:
 
     def _find(self, assoc: Association, query: Dataset, model: str) -> list[Dataset]:
         results: list[Dataset] = []
+        _park_reactor(assoc)
         for status, identifier in assoc.send_c_find(query, model):
             if "Status" not in status:
                 raise PacsError(f"PACS {self._peer}: C-FIND got no response (association aborted or timed out)")
@@ -438,6 +507,7 @@ class DimseBackend:
 
     def _ping_sync(self) -> None:
         with self._association([(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as assoc:
+            _park_reactor(assoc)
             status = assoc.send_c_echo()
             if "Status" not in status or int(status.Status) != 0:
                 raise PacsError(f"PACS {self._peer}: C-ECHO failed, {_status_text(status)}")
@@ -687,6 +757,7 @@ class DimseBackend:
         q.SeriesInstanceUID = series
         q.SOPInstanceUID = sops if len(sops) > 1 else sops[0]
         op = "C-MOVE" if move else "C-GET"
+        _park_reactor(assoc)
         if move:
             responses = assoc.send_c_move(q, self.move_destination, StudyRootQueryRetrieveInformationModelMove)
         else:
@@ -751,6 +822,7 @@ class DimseBackend:
                         result.failed[sop] = f"PACS does not accept SOP class {sop_class} in transfer syntax {ts}"
                         continue
                     try:
+                        _park_reactor(assoc)
                         status = assoc.send_c_store(path)
                     except Exception as exc:  # noqa: BLE001 - one file failing must not stop the others
                         result.failed[sop] = f"C-STORE failed: {type(exc).__name__}: {exc}"
