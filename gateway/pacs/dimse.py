@@ -165,11 +165,13 @@ class _ReactorCheckpoint:
             return self._flag
 
     def park(self, timeout: float) -> bool:
-        """Clear the checkpoint and wait until the reactor is parked on it (``False`` if it did not park in
-        ``timeout`` seconds: a reactor that ended with its association)."""
+        """Clear the checkpoint and wait until the reactor is parked on it. ``False`` when it did not park
+        within ``timeout`` seconds, or the checkpoint was set meanwhile (pynetdicom sets it to let the
+        reactor of an aborted association end)."""
         with self._cond:
             self._flag = False
-            return self._cond.wait_for(lambda: self._parked, timeout)
+            self._cond.wait_for(lambda: self._parked or self._flag, timeout)
+            return self._parked
 
 
 def _install_checkpoint(assoc: Association) -> None:
