@@ -187,10 +187,6 @@ def _park_reactor(assoc: Association) -> None:
         log.debug("DIMSE association reactor did not park within %s s", _PARK_TIMEOUT)
 
 
-
-
-
-
 def _set_nodelay(event: evt.Event) -> None:
     with contextlib.suppress(AttributeError, OSError):
         assoc_sock = event.assoc.dul.socket
