@@ -1,18 +1,20 @@
 """The DICOMweb backend's own WADO-RS HTTP/1.1 streaming against a scripted server: every framing, reuse,
-failures, https, and the multipart reader split at every offset."""
+failures, https, on both event loops; its connection's reads and bounded buffering; and the multipart
+reader split at every offset."""
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
-from pathlib import Path
 
 import pytest
 
 from gateway.dicom.synth import derive_uid, make_instance
 from gateway.pacs.base import InstanceRef, RetrievedInstance, RetrieveFailure
-from gateway.pacs.dicomweb import DicomwebBackend, MultipartReader
-from gateway.security.certs import init_certs
+from gateway.pacs.dicomweb import DicomwebBackend, MultipartReader, _Connection
+from gateway.security.certs import CertSet, init_certs
+from gateway.web import loop as event_loop
 
 ST, SE = derive_uid("h7-study"), derive_uid("h7-series")
 
@@ -144,6 +146,14 @@ async def test_framings(files: dict[str, bytes], framing: str, lf: bool, chunk: 
     assert failed == {} and got == files
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+@pytest.mark.parametrize("chunk", [1, 7777, 1 << 20])
+def test_framings_on_uvloop(files: dict[str, bytes], framing: str, chunk: int) -> None:
+    """The gateway serves on uvloop: its transports drive the connection's buffered reads differently."""
+    got, failed = event_loop.run(run(Server(files, framing, chunk=chunk), refs(files)), "uvloop")
+    assert failed == {} and got == files
+
+
 async def test_keepalive_reuse_per_instance(files: dict[str, bytes]) -> None:
     s = Server(files, "length", count=100)  # sparse: one request per instance
     got, failed = await run(s, refs(files, 3))
@@ -196,6 +206,14 @@ async def test_unknown_series_missing(files: dict[str, bytes]) -> None:
 
 
 async def test_truncated_response(files: dict[str, bytes]) -> None:
+    await _truncated_response(files)
+
+
+def test_truncated_response_on_uvloop(files: dict[str, bytes]) -> None:
+    event_loop.run(_truncated_response(files), "uvloop")
+
+
+async def _truncated_response(files: dict[str, bytes]) -> None:
     one = len(files[next(iter(files))])
     s = Server(files, "close", cut_after=one + one // 2)
     got: dict[str, bytes] = {}
@@ -229,8 +247,20 @@ async def test_unreachable(files: dict[str, bytes]) -> None:
     assert all(isinstance(i, RetrieveFailure) and not i.missing for i in out) and len(out) == len(files)
 
 
-async def test_https(files: dict[str, bytes], tmp_path: Path) -> None:
-    c = init_certs(tmp_path / "pki")
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
+    return init_certs(tmp_path_factory.mktemp("pki"))
+
+
+async def test_https(files: dict[str, bytes], pki: CertSet) -> None:
+    await _https(files, pki)
+
+
+def test_https_on_uvloop(files: dict[str, bytes], pki: CertSet) -> None:
+    event_loop.run(_https(files, pki), "uvloop")
+
+
+async def _https(files: dict[str, bytes], c: CertSet) -> None:
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(c.gateway_cert, c.gateway_key)
     cctx = ssl.create_default_context(cafile=str(c.ca_cert))
@@ -290,3 +320,76 @@ async def test_multipart_reader_cr_in_data() -> None:
                 d += p
             out.append(d)
         assert out == data, step
+
+
+# -- the connection itself: reads of any size, bounded buffering, plain and TLS, both loops ----------
+
+def _tls_pair(c: CertSet) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(c.gateway_cert, c.gateway_key)
+    return sctx, ssl.create_default_context(cafile=str(c.ca_cert))
+
+
+async def _connection_to(payload: bytes, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None
+                         ) -> tuple[_Connection, asyncio.Server, asyncio.Event]:
+    """A server that writes ``payload`` at once and closes; the client connection; set when the
+    server's write was drained (it can only be when the client read enough)."""
+    drained = asyncio.Event()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(payload)
+        await w.drain()
+        drained.set()
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls[0] if tls else None)
+    transport, conn = await asyncio.get_running_loop().create_connection(
+        _Connection, "127.0.0.1", srv.sockets[0].getsockname()[1], ssl=tls[1] if tls else None,
+        server_hostname="localhost" if tls else None)
+    conn.transport = transport
+    return conn, srv, drained
+
+
+async def _reads_everything_with_bounded_buffering(tls: tuple[ssl.SSLContext, ssl.SSLContext] | None) -> None:
+    body = os.urandom(5 * (1 << 20) + 17)
+    conn, srv, drained = await _connection_to(b"HTTP/1.1 200 OK\r\n" + body, tls)
+    try:
+        assert await conn.readline() == b"HTTP/1.1 200 OK\r\n"
+        pieces = [await conn.read_up_to(1)]  # a one-byte read, then whole 1 MiB pieces
+        while piece := await conn.read_up_to(1 << 20):
+            pieces.append(piece)
+            # what arrives between reads lands in the fixed spare buffer, which never grows
+            assert len(conn._spare) == _Connection._SPARE
+        assert b"".join(pieces) == body
+        assert [len(p) for p in pieces[1:]] == [1 << 20] * 5 + [16], "pieces are whole but the last"
+        assert conn.at_eof() and await conn.read_up_to(10) == b""
+        await drained.wait()
+    finally:
+        conn.close()
+        srv.close()
+
+
+async def _endless_line_is_refused(tls: tuple[ssl.SSLContext, ssl.SSLContext] | None) -> None:
+    conn, srv, _ = await _connection_to(b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (8 << 20), tls)
+    try:
+        assert await conn.readline() == b"HTTP/1.1 200 OK\r\n"
+        with pytest.raises(asyncio.LimitOverrunError):
+            await conn.readline()
+        assert len(conn._spare) == _Connection._SPARE  # at most 256 KiB held, not the 8 MiB line
+    finally:
+        conn.close()
+        srv.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("use_tls", [False, True])
+def test_connection_reads_everything_with_bounded_buffering(loop_kind: event_loop.EventLoopKind, use_tls: bool,
+                                                            pki: CertSet) -> None:
+    event_loop.run(_reads_everything_with_bounded_buffering(_tls_pair(pki) if use_tls else None), loop_kind)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("use_tls", [False, True])
+def test_connection_refuses_an_endless_line_without_buffering_it(loop_kind: event_loop.EventLoopKind,
+                                                                 use_tls: bool, pki: CertSet) -> None:
+    event_loop.run(_endless_line_is_refused(_tls_pair(pki) if use_tls else None), loop_kind)
