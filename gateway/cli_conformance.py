@@ -20,13 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import anyio
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from gateway.config import Config
+from gateway.web import loop as event_loop
 
 if TYPE_CHECKING:
     from conformance.target import Target
@@ -138,7 +138,8 @@ def _run(load: Loader, config: Path | None, partner: str | None, scenario: list[
 
     try:
         with status:
-            result = anyio.run(lambda: runner.run(target, chosen, on_start=started, on_result=finished))
+            result = event_loop.run(runner.run(target, chosen, on_start=started, on_result=finished),
+                                    target.config.server.event_loop)
     except SetupError as exc:
         _usage(str(exc))
     counts = result.counts()

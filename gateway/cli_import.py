@@ -9,7 +9,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -17,6 +16,7 @@ from rich.table import Table
 
 from gateway.config import Config
 from gateway.initiating.pull import JobBusyError, PullPriors, PullRequest, PullResult
+from gateway.web import loop as event_loop
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Durable import jobs: list, show, resume.")
 partners_app = typer.Typer(no_args_is_help=True, help="Partner communities: import a FHIR directory, list.")
@@ -78,7 +78,7 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
         yield PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=report,
                          auditor=auditor), progress
     finally:
-        anyio.run(local.aclose)
+        event_loop.run_call(cfg.server.event_loop, local.aclose)
         audit.close()
         engine.dispose()
 
@@ -114,7 +114,7 @@ def pull_priors(cfg: Config, request: PullRequest, *, yes: bool, as_json: bool) 
         if not as_json:
             console.print(f"discovering {request.family}^{request.given} {request.birth_date} {request.gender} "
                           f"at {len(request.partners) or len(cfg.partners)} partner(s)…")
-        found = anyio.run(service.discover, request)
+        found = event_loop.run_call(cfg.server.event_loop, service.discover, request)
         if not as_json:
             console.print(_table(found))
             for e in found.errors:
@@ -140,9 +140,9 @@ def _run(service: PullPriors, progress: Progress | None, job_id: str, *, as_json
     try:
         if progress is not None:
             with progress:
-                result = anyio.run(service.run, job_id)
+                result = event_loop.run_call(service.config.server.event_loop, service.run, job_id)
         else:
-            result = anyio.run(service.run, job_id)
+            result = event_loop.run_call(service.config.server.event_loop, service.run, job_id)
     except JobBusyError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None

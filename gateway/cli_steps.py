@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import anyio
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -41,6 +40,7 @@ from gateway.initiating.client import (
 from gateway.initiating.fanout import FanoutResult, discover_all
 from gateway.initiating.partners import Partner, PartnerDirectory
 from gateway.soap import mtom
+from gateway.web import loop as event_loop
 from gateway.web.client import SoapClient
 
 console = Console()
@@ -119,7 +119,7 @@ def _run(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]]) -> _T:
             await soap.aclose()
 
     with audit_session(cfg):  # every request to a partner is audited (ATNA)
-        return anyio.run(main)
+        return event_loop.run(main(), cfg.server.event_loop)
 
 
 def _partner_failure(exc: PartnerError, as_json: bool) -> NoReturn:

@@ -49,6 +49,7 @@ from gateway.security.outbound import NHIN_PURPOSE, default_identity
 from gateway.security.saml import CodedValue
 from gateway.soap import mtom, ns, xml
 from gateway.soap.envelope import build_envelope
+from gateway.web import loop as event_loop
 from gateway.web.app import RequestContext, SoapResponse
 from gateway.web.client import parse_reply
 from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCAI_RETRIEVE, XCPD
@@ -195,7 +196,13 @@ def network(tmp_path_factory: pytest.TempPathFactory, pki: CertSet, rogue_pki: C
 # --------------------------------------------------------------------------------------------------
 
 
-async def test_discover_all_isolates_every_partner(network: Network) -> None:
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_discover_all_isolates_every_partner(network: Network, loop_kind: event_loop.EventLoopKind) -> None:
+    """On both event loops: the client's TLS is the loop's own (:mod:`gateway.web.netbackend`)."""
+    event_loop.run(_discover_all_isolates_every_partner(network), loop_kind)
+
+
+async def _discover_all_isolates_every_partner(network: Network) -> None:
     res = await discover_all(network.ig, network.directory, DEMOGRAPHICS, local_patient_id="IG-PAT-9")
     timings = {name: round(r.seconds, 3) for name, r in res.partners.items()}
     print(f"\nfan-out wall time {res.seconds:.3f} s; per partner {timings}")
@@ -233,7 +240,12 @@ async def test_discover_all_isolates_every_partner(network: Network) -> None:
     assert SLOW_TIMEOUT <= res.seconds < 2 * SLOW_TIMEOUT, timings
 
 
-async def test_find_retrieve_and_stream_images(network: Network, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_find_retrieve_and_stream_images(network: Network, tmp_path: Path, loop_kind: event_loop.EventLoopKind) -> None:
+    event_loop.run(_find_retrieve_and_stream_images(network, tmp_path), loop_kind)
+
+
+async def _find_retrieve_and_stream_images(network: Network, tmp_path: Path) -> None:
     cfg, directory = network.ig, network.directory
     found = await discover_all(cfg, directory, DEMOGRAPHICS, partners=["A", "B"])
     docs = await find_all(cfg, found)

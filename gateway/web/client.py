@@ -21,6 +21,7 @@ from gateway.security.tls import describe_tls_error
 from gateway.soap import mtom, ns, xml
 from gateway.soap.envelope import build_envelope, new_message_id
 from gateway.soap.fault import parse_fault
+from gateway.web.netbackend import loop_tls_transport
 
 
 class TransportError(XigError):
@@ -71,11 +72,10 @@ class SoapClient:
                  ) -> None:
         """``wrap_transport`` (optional) wraps the TLS transport, e.g. to record every raw exchange (the
         conformance runner does); it receives the real transport built from ``ssl_context``."""
-        if wrap_transport is None:
-            self._http = httpx.AsyncClient(verify=ssl_context, timeout=timeout, http2=False)
-        else:
-            self._http = httpx.AsyncClient(transport=wrap_transport(httpx.AsyncHTTPTransport(verify=ssl_context)),
-                                           timeout=timeout)
+        transport: httpx.AsyncBaseTransport = loop_tls_transport(ssl_context)  # TLS by the event loop
+        if wrap_transport is not None:
+            transport = wrap_transport(loop_tls_transport(ssl_context))
+        self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
         self.max_root_bytes = max_root_bytes
 
     async def aclose(self) -> None:

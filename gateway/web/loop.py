@@ -1,4 +1,4 @@
-"""The event loop XIG's servers run on.
+"""The event loop XIG runs on: its servers, and the command line's steps (``xig discover``, ``pull-priors``…).
 
 ``[server] event_loop``: ``"uvloop"`` (libuv, the default) or ``"asyncio"`` (the standard library's).
 uvloop's TLS and socket layers are compiled: measured by ``bench/rad75.py`` on this project's 2-core
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 EventLoopKind = Literal["uvloop", "asyncio"]
@@ -56,4 +56,12 @@ def run(main: Coroutine[Any, Any, _T], kind: EventLoopKind) -> _T:
         return runner.run(main)
 
 
-__all__ = ["EventLoopKind", "new_event_loop", "run", "ssl_protocol"]
+def run_call(kind: EventLoopKind, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+    """``anyio.run(fn, *args)`` on a new loop of ``kind``: how the command line runs its steps, so that the
+    outbound client's TLS (the loop's own, :mod:`gateway.web.netbackend`) is uvloop's compiled one."""
+    async def main() -> _T:
+        return await fn(*args)
+    return run(main(), kind)
+
+
+__all__ = ["EventLoopKind", "new_event_loop", "run", "run_call", "ssl_protocol"]
