@@ -343,7 +343,8 @@ def test_a_repository_refusing_our_certificate_gets_everything_once_it_trusts_us
     kept = [message(f"R{i}") for i in range(5)]
     for m in kept:
         trail.record(m)
-    # on failure: what the trail and the repository saw (this wait once ran out in a full-suite run)
+    # on failure: what the trail and the repository saw (this wait ran out in rare full-suite runs: a refusal
+    # that reset our bytes before they were acknowledged — see the test of a repository closing at once)
     assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30), (
         f"trail status: {json.dumps(trail.status(), default=str)}\nrepository log:\n{refusing.log()}")
     assert repo_status(trail)["pending"] == len(kept) and repo_status(trail)["delivered"] == 0
@@ -361,11 +362,13 @@ class LateRefusal:
     busy repository checking our certificate: it closes each connection without reading a byte of it (the
     kernel answers the unread data with a reset). A real TLS server on loopback, one thread per connection."""
 
-    def __init__(self, pki: CertSet, delay: float) -> None:
+    def __init__(self, pki: CertSet, delay: float, *, tls12: bool = False) -> None:
         from gateway.security.tls import server_context
         from tests.rsyslog import free_port
 
         self.context = server_context(pki.partner_cert, pki.partner_key, pki.ca_cert)
+        if tls12:  # the client's handshake ends only with our Finished: a close right after it precedes its data
+            self.context.maximum_version = ssl.TLSVersion.TLSv1_2
         self.delay = delay
         self.port = free_port()
         self.handshakes = 0
@@ -418,6 +421,27 @@ def test_a_repository_refusing_us_after_the_settle_time_still_gets_everything(
         assert late.handshakes >= 1 and status["delivered"] == 0 and status["pending"] == len(kept), status
     trusting = rsyslogs(tmp_path / "trusting", certificate=pki.partner_cert, private_key=pki.partner_key,
                         client_ca=pki.ca_cert, tls_port=late.port)
+    assert trail.wait_idle(60), trail.status()
+    trusting.wait_for(lambda got: received_xml(trusting) == Counter(serialize(m) for m in kept))
+
+
+def test_a_repository_closing_before_our_messages_arrive_is_noticed(
+        tmp_path: Path, pki: CertSet, rsyslogs: Callable[..., Rsyslog], trails: Any) -> None:
+    """A repository that closes each connection as soon as its handshake is done (TLS 1.2: before our first
+    message can arrive) answers our messages with a reset. The kernel never counts reset bytes as
+    acknowledged (SIOCOUTQ stays non-zero): waiting for the acknowledgement alone waited forever, with the
+    messages in flight and no error (the cause of a rare full-suite failure of the refusal test above)."""
+    kept = [message("C1")]  # one: a second write would already fail on the reset
+    with LateRefusal(pki, delay=0, tls12=True) as closing:
+        cfg = audit_config(tmp_path / "gw", pki, [{"transport": "tls", "host": "127.0.0.1", "port": closing.port}])
+        trail, _ = trails(cfg)
+        for m in kept:
+            trail.record(m)
+        assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30), trail.status()
+        status = repo_status(trail)
+        assert closing.handshakes >= 1 and status["delivered"] == 0 and status["pending"] == len(kept), status
+    trusting = rsyslogs(tmp_path / "trusting", certificate=pki.partner_cert, private_key=pki.partner_key,
+                        client_ca=pki.ca_cert, tls_port=closing.port)
     assert trail.wait_idle(60), trail.status()
     trusting.wait_for(lambda got: received_xml(trusting) == Counter(serialize(m) for m in kept))
 

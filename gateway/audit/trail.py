@@ -20,7 +20,8 @@ deliver at a time; a worker that dies loses the lease after :data:`LEASE_SECONDS
 socket buffer loses it silently from the sender's point of view. So a sent message stays *in flight* —
 still ``pending`` in the database — until the connection proved it arrived:
 
-1. the peer's TCP acknowledged every byte written so far (the socket's send queue, ``SIOCOUTQ``, is empty);
+1. the peer's TCP acknowledged every byte written so far (the socket's send queue, ``SIOCOUTQ``, is empty) —
+   meanwhile the connection must stay healthy: bytes that met a reset are never acknowledged;
 2. :data:`SETTLE_SECONDS` later the connection is still healthy: not closed, not reset, no TLS alert. A
    receiver that dies or shuts down with unread data closes the connection with a reset; one that refuses
    our client certificate after a TLS 1.3 handshake sends an alert or closes — both show up here;
@@ -235,6 +236,10 @@ class _Deliverer:
         if self._snapshot is None:
             unacked = conn.unacknowledged()
             if unacked:
+                # bytes a peer reset never get acknowledged: the kernel keeps counting them as unacknowledged
+                # (SIOCOUTQ stays non-zero after the reset), so waiting for the count alone waits forever
+                if not conn.healthy():
+                    raise TransportError(conn.error or f"audit repository {self.key} broke the connection")
                 return 0.01
             self._snapshot = (len(self._in_flight), now)
             return SETTLE_SECONDS
