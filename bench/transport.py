@@ -2,7 +2,8 @@
 
 * MTOM streaming: 200 MB as 4 attachment parts from a RAD-75-shaped handler, through the whole
   gateway pipeline (mTLS, signed XUA request, MTOM encode, streaming MTOM decode to files) versus
-  the same bytes streamed as plain ``application/octet-stream`` over the same TLS stack (reference).
+  the same bytes streamed as plain ``application/octet-stream`` over the same TLS stack — httpx on
+  :func:`gateway.web.netbackend.loop_tls_transport`, as the SOAP client — (reference).
 * XUA verification: verify one signed assertion (xmlsec + wrapping checks + attributes) versus a
   bare RSA-2048/SHA-256 signature verification (reference).
 """
@@ -35,6 +36,7 @@ from gateway.soap import mtom, ns
 from gateway.web.app import RequestContext, SoapResponse, verification_policy
 from gateway.web.client import SoapClient
 from gateway.web.endpoints import XCAI_RETRIEVE
+from gateway.web.netbackend import loop_tls_transport
 from gateway.web.server import BackgroundServer, _Server, bind, uvicorn_config
 
 PARTS = 4
@@ -102,7 +104,7 @@ def mtom_streaming() -> Result:
 
     async def reference() -> float:
         out = Path(tempfile.mkdtemp(dir=d)) / "blob"
-        async with httpx.AsyncClient(verify=ctx) as http:
+        async with httpx.AsyncClient(transport=loop_tls_transport(ctx)) as http:  # the SOAP client's TLS stack
             t0 = time.perf_counter()
             async with http.stream("GET", ref_url) as r:
                 with out.open("wb") as f:
