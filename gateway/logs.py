@@ -122,4 +122,6 @@ def configure_logging(json: bool, level: int | str = logging.INFO, *, stream: IO
     setattr(handler, _HANDLER_MARK, True)
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
+    # pynetdicom logs each DIMSE message at INFO (see gateway.pacs.dimse.quiet_pynetdicom): only when verbose
+    logging.getLogger("pynetdicom").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     return handler

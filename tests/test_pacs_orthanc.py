@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import struct
 import threading
 import time
@@ -24,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.dicom.synth import SyntheticStudy, derive_uid, make_instance, make_study
+from gateway.logs import configure_logging
 from gateway.pacs.base import (
     InstanceRef,
     PacsBackend,
@@ -190,6 +192,34 @@ async def test_retrieve_is_byte_identical(backend: PacsBackend, seeded: Seed) ->
             assert data == src.path.read_bytes()  # WADO-RS with transfer-syntax=* returns the file as stored
         # the data set after the File Meta is exactly what was stored (DIMSE: pynetdicom writes its own meta)
         assert dataset_bytes(data) == dataset_bytes(src.path.read_bytes())
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+async def test_pynetdicom_logs_its_messages_only_when_verbose(orthanc: OrthancServer, seeded: Seed,
+                                                              verbose: bool) -> None:
+    """At INFO pynetdicom says nothing of a query and a retrieve (it logged each DIMSE message and
+    identifier); with ``--verbose`` (DEBUG) its detail is back."""
+    root, pyn = logging.getLogger(), logging.getLogger("pynetdicom")
+    saved = (list(root.handlers), root.level, pyn.level)
+    stream = io.StringIO()
+    configure_logging(json=False, level=logging.DEBUG if verbose else logging.INFO, stream=stream)
+    try:
+        backend = make_backend("c-get", orthanc)
+        assert (await backend.get_study(seeded.b.StudyInstanceUID)) is not None
+        got, failed = await collect(backend, refs_of(seeded.b))
+        assert len(got) == 1 and not failed
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        pyn.setLevel(saved[2])
+    lines = [line for line in stream.getvalue().splitlines() if " pynetdicom." in line]
+    if verbose:
+        assert any("Identifier" in line for line in lines) and any("C-GET" in line for line in lines), lines[:20]
+    else:
+        assert lines == []
 
 
 async def test_retrieve_reports_unknown_instances_only(backend: PacsBackend, seeded: Seed) -> None:

@@ -67,7 +67,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -185,6 +185,20 @@ def _park_reactor(assoc: Association) -> None:
     checkpoint = assoc._reactor_checkpoint
     if isinstance(checkpoint, _ReactorCheckpoint) and not checkpoint.park(_PARK_TIMEOUT):
         log.debug("DIMSE association reactor did not park within %s s", _PARK_TIMEOUT)
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom's message-by-message logging only when its logger is at DEBUG (``xig serve --verbose``).
+
+    By default pynetdicom logs every DIMSE message at INFO and pretty-prints every C-FIND identifier
+    *before* the logging level is consulted, and runs a logging handler for every PDU: ~10,000 log
+    lines for one RAD-75 of 400 instances over C-GET, about a tenth of the gateway's CPU on it, and
+    operators' logs drowned. XIG logs its own outcome of each PACS operation; pynetdicom's warnings and
+    errors still pass (:func:`gateway.logs.configure_logging` keeps its logger at WARNING).
+    """
+    verbose = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+    _config.LOG_HANDLER_LEVEL = "standard" if verbose else "none"
+    _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = verbose
 
 
 def _set_nodelay(event: evt.Event) -> None:
@@ -348,6 +362,7 @@ class _MoveReceiver:
         with self._lock:
             if self._server is not None:
                 return
+            quiet_pynetdicom()
             ae = AE(ae_title=self.ae_title)
             ae.maximum_pdu_size = self.max_pdu
             for cx in AllStoragePresentationContexts:
@@ -444,6 +459,7 @@ class DimseBackend:
     @contextlib.contextmanager
     def _association(self, contexts: Sequence[tuple[str, Sequence[str]]], *, roles: Sequence[str] = (),
                      handlers: Sequence[tuple[Any, Callable[..., Any]]] = ()) -> Iterator[Association]:
+        quiet_pynetdicom()  # read when the association is created
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = self.timeout
         ae.connection_timeout = self.timeout
