@@ -72,9 +72,8 @@ class SoapClient:
                  ) -> None:
         """``wrap_transport`` (optional) wraps the TLS transport, e.g. to record every raw exchange (the
         conformance runner does); it receives the real transport built from ``ssl_context``."""
-        transport: httpx.AsyncBaseTransport = loop_tls_transport(ssl_context)  # TLS by the event loop
-        if wrap_transport is not None:
-            transport = wrap_transport(loop_tls_transport(ssl_context))
+        inner = loop_tls_transport(ssl_context)  # TLS by the event loop (gateway.web.netbackend)
+        transport = wrap_transport(inner) if wrap_transport is not None else inner
         self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
         self.max_root_bytes = max_root_bytes
 
