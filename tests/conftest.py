@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
 from gateway.config import Config, load_config
+from gateway.logs import configure_logging
 from gateway.security.certs import CertSet, init_certs
 from tests.orthanc import orthanc_fixture
 
@@ -23,6 +26,24 @@ if TYPE_CHECKING:
 #: Real messages, WSDLs and XSDs from public IHE tooling and production gateways: ``shared/`` sits
 #: beside the repository (on developer machines and in CI alike).
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "spec" / "samples"
+
+
+@contextlib.contextmanager
+def logging_to(stream: IO[str], *, json: bool, level: int | str) -> Iterator[None]:
+    """XIG's logging (:func:`gateway.logs.configure_logging`) into ``stream`` for a block; the root logger's
+    handlers and level, and pynetdicom's level, as they were afterwards."""
+    root, pynetdicom = logging.getLogger(), logging.getLogger("pynetdicom")
+    saved = (list(root.handlers), root.level, pynetdicom.level)
+    configure_logging(json=json, level=level, stream=stream)
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        pynetdicom.setLevel(saved[2])
 
 
 @pytest.fixture(scope="session")

@@ -410,19 +410,8 @@ def test_a_repository_refusing_us_after_the_settle_time_still_gets_everything(
     """A refusal slower than SETTLE_SECONDS but within PROBATION_SECONDS of the handshake: nothing a new
     connection carried counts as delivered before the connection has proved itself, so nothing is lost."""
     assert SETTLE_SECONDS < 0.5 < PROBATION_SECONDS
-    kept = [message(f"L{i}") for i in range(5)]
-    with LateRefusal(pki, delay=0.5) as late:
-        cfg = audit_config(tmp_path / "gw", pki, [{"transport": "tls", "host": "127.0.0.1", "port": late.port}])
-        trail, _ = trails(cfg)
-        for m in kept:
-            trail.record(m)
-        assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30), trail.status()
-        status = repo_status(trail)
-        assert late.handshakes >= 1 and status["delivered"] == 0 and status["pending"] == len(kept), status
-    trusting = rsyslogs(tmp_path / "trusting", certificate=pki.partner_cert, private_key=pki.partner_key,
-                        client_ca=pki.ca_cert, tls_port=late.port)
-    assert trail.wait_idle(60), trail.status()
-    trusting.wait_for(lambda got: received_xml(trusting) == Counter(serialize(m) for m in kept))
+    _kept_until_trusted(LateRefusal(pki, delay=0.5), [message(f"L{i}") for i in range(5)], tmp_path, pki, rsyslogs,
+                        trails)
 
 
 def test_a_repository_closing_before_our_messages_arrive_is_noticed(
@@ -431,17 +420,24 @@ def test_a_repository_closing_before_our_messages_arrive_is_noticed(
     message can arrive) answers our messages with a reset. The kernel never counts reset bytes as
     acknowledged (SIOCOUTQ stays non-zero): waiting for the acknowledgement alone waited forever, with the
     messages in flight and no error (the cause of a rare full-suite failure of the refusal test above)."""
-    kept = [message("C1")]  # one: a second write would already fail on the reset
-    with LateRefusal(pki, delay=0, tls12=True) as closing:
-        cfg = audit_config(tmp_path / "gw", pki, [{"transport": "tls", "host": "127.0.0.1", "port": closing.port}])
+    # one message: a second write would already fail on the reset
+    _kept_until_trusted(LateRefusal(pki, delay=0, tls12=True), [message("C1")], tmp_path, pki, rsyslogs, trails)
+
+
+def _kept_until_trusted(refusing: LateRefusal, kept: list[AuditMessage], tmp_path: Path, pki: CertSet,
+                        rsyslogs: Callable[..., Rsyslog], trails: Any) -> None:
+    """``refusing`` breaks every connection: the trail reports it and keeps ``kept`` pending; then a
+    repository that trusts us, on the same port, receives all of them."""
+    with refusing:
+        cfg = audit_config(tmp_path / "gw", pki, [{"transport": "tls", "host": "127.0.0.1", "port": refusing.port}])
         trail, _ = trails(cfg)
         for m in kept:
             trail.record(m)
         assert trail.wait_until(lambda s: s["repositories"][0]["last_error"] is not None, 30), trail.status()
         status = repo_status(trail)
-        assert closing.handshakes >= 1 and status["delivered"] == 0 and status["pending"] == len(kept), status
+        assert refusing.handshakes >= 1 and status["delivered"] == 0 and status["pending"] == len(kept), status
     trusting = rsyslogs(tmp_path / "trusting", certificate=pki.partner_cert, private_key=pki.partner_key,
-                        client_ca=pki.ca_cert, tls_port=closing.port)
+                        client_ca=pki.ca_cert, tls_port=refusing.port)
     assert trail.wait_idle(60), trail.status()
     trusting.wait_for(lambda got: received_xml(trusting) == Counter(serialize(m) for m in kept))
 

@@ -13,7 +13,7 @@ import pytest
 from gateway.dicom.synth import derive_uid, make_instance
 from gateway.pacs.base import InstanceRef, RetrievedInstance, RetrieveFailure
 from gateway.pacs.dicomweb import DicomwebBackend, MultipartReader, _Connection
-from gateway.security.certs import CertSet, init_certs
+from gateway.security.certs import CertSet
 from gateway.web import loop as event_loop
 
 ST, SE = derive_uid("h7-study"), derive_uid("h7-series")
@@ -245,11 +245,6 @@ async def test_unreachable(files: dict[str, bytes]) -> None:
     out = [i async for i in b.retrieve(refs(files))]
     await b.aclose()
     assert all(isinstance(i, RetrieveFailure) and not i.missing for i in out) and len(out) == len(files)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
-    return init_certs(tmp_path_factory.mktemp("pki"))
 
 
 async def test_https(files: dict[str, bytes], pki: CertSet) -> None:

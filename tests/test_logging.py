@@ -15,7 +15,7 @@ from lxml import etree
 
 from gateway.config import Config
 from gateway.ihe import ebrim, iti38
-from gateway.logs import bind_correlation, configure_logging, correlation_id
+from gateway.logs import bind_correlation, correlation_id
 from gateway.security.certs import CertSet
 from gateway.security.outbound import security_header
 from gateway.security.tls import client_context
@@ -24,6 +24,7 @@ from gateway.web.app import RequestContext, SoapResponse
 from gateway.web.client import SoapClient
 from gateway.web.endpoints import XCA_QUERY
 from gateway.web.server import BackgroundServer
+from tests.conftest import logging_to
 from tests.test_shutdown import Recorder
 
 deep = logging.getLogger("xig.test.deep")
@@ -42,18 +43,9 @@ async def handler(ctx: RequestContext) -> SoapResponse:
 
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
     stream = io.StringIO()
-    configure_logging(json=True, level=logging.DEBUG, stream=stream)
-    try:
+    with logging_to(stream, json=True, level=logging.DEBUG):
         yield stream
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -134,20 +126,11 @@ def test_bind_correlation_for_outgoing_requests(captured: io.StringIO) -> None:
 
 
 def test_text_format_shows_the_correlation_id() -> None:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
     stream = io.StringIO()
-    try:
-        configure_logging(json=False, level="INFO", stream=stream)
+    with logging_to(stream, json=False, level="INFO"):
         with bind_correlation("urn:uuid:text-1"):
             logging.getLogger("xig.test").info("plain line")
         logging.getLogger("xig.test").debug("not shown")
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
     text = stream.getvalue()
     assert "[urn:uuid:text-1]: plain line" in text and "INFO xig.test" in text and "not shown" not in text
 

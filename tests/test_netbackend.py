@@ -6,21 +6,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
 import pytest
 
-from gateway.security.certs import CertSet, init_certs
+from gateway.security.certs import CertSet
 from gateway.web import loop as event_loop
 from gateway.web.netbackend import LoopStream, loop_tls_transport
 
 LOOPS = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
-    return init_certs(tmp_path_factory.mktemp("pki"))
 
 
 def _server_ctx(c: CertSet) -> ssl.SSLContext:
@@ -131,8 +125,8 @@ def _chain(exc: BaseException | None) -> list[BaseException]:
 
 
 @LOOPS
-def test_tls_failures_keep_their_cause(pki: CertSet, tmp_path: Path, loop_kind: event_loop.EventLoopKind) -> None:
-    other = init_certs(tmp_path / "other")  # a server certificate from a CA the client does not trust
+def test_tls_failures_keep_their_cause(pki: CertSet, rogue_pki: CertSet, loop_kind: event_loop.EventLoopKind) -> None:
+    other = rogue_pki  # a server certificate from a CA the client does not trust
 
     async def untrusted(url: str) -> None:
         async with httpx.AsyncClient(transport=loop_tls_transport(_client_ctx(pki))) as client:

@@ -25,7 +25,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.dicom.synth import SyntheticStudy, derive_uid, make_instance, make_study
-from gateway.logs import configure_logging
 from gateway.pacs.base import (
     InstanceRef,
     PacsBackend,
@@ -36,6 +35,7 @@ from gateway.pacs.base import (
 )
 from gateway.pacs.dicomweb import DicomwebBackend
 from gateway.pacs.dimse import DimseBackend, _ReactorCheckpoint
+from tests.conftest import logging_to
 from tests.orthanc import OrthancServer
 
 SOURCE_ID = "2.999.77.1"
@@ -199,22 +199,12 @@ async def test_pynetdicom_logs_its_messages_only_when_verbose(orthanc: OrthancSe
                                                               verbose: bool) -> None:
     """At INFO pynetdicom says nothing of a query and a retrieve (it logged each DIMSE message and
     identifier); with ``--verbose`` (DEBUG) its detail is back."""
-    root, pyn = logging.getLogger(), logging.getLogger("pynetdicom")
-    saved = (list(root.handlers), root.level, pyn.level)
     stream = io.StringIO()
-    configure_logging(json=False, level=logging.DEBUG if verbose else logging.INFO, stream=stream)
-    try:
+    with logging_to(stream, json=False, level=logging.DEBUG if verbose else logging.INFO):
         backend = make_backend("c-get", orthanc)
         assert (await backend.get_study(seeded.b.StudyInstanceUID)) is not None
         got, failed = await collect(backend, refs_of(seeded.b))
         assert len(got) == 1 and not failed
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
-        pyn.setLevel(saved[2])
     lines = [line for line in stream.getvalue().splitlines() if " pynetdicom." in line]
     if verbose:
         assert any("Identifier" in line for line in lines) and any("C-GET" in line for line in lines), lines[:20]
