@@ -98,7 +98,8 @@ class ServerSection(_Paths):
     public_url: str | None = None
     #: Seconds a graceful shutdown waits for in-flight requests.
     shutdown_timeout: float = 30.0
-    #: The servers' event loop: "uvloop" (default; less CPU per byte streamed) or "asyncio".
+    #: The event loop of the servers and of the command line's steps: "uvloop" (default; less CPU per byte
+    #: streamed, and the outbound client's TLS compiled) or "asyncio".
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("listen")
