@@ -14,6 +14,7 @@ from gateway.dicom.synth import derive_uid, make_instance
 from gateway.pacs.base import InstanceRef, RetrievedInstance, RetrieveFailure
 from gateway.pacs.dicomweb import DicomwebBackend, MultipartReader, _Connection
 from gateway.security.certs import CertSet
+from gateway.security.tls import client_context, server_context
 from gateway.web import loop as event_loop
 
 ST, SE = derive_uid("h7-study"), derive_uid("h7-series")
@@ -320,9 +321,8 @@ async def test_multipart_reader_cr_in_data() -> None:
 # -- the connection itself: reads of any size, bounded buffering, plain and TLS, both loops ----------
 
 def _tls_pair(c: CertSet) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    sctx.load_cert_chain(c.gateway_cert, c.gateway_key)
-    return sctx, ssl.create_default_context(cafile=str(c.ca_cert))
+    return (server_context(c.gateway_cert, c.gateway_key, c.ca_cert),
+            client_context(c.partner_cert, c.partner_key, c.ca_cert))
 
 
 async def _connection_to(payload: bytes, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None

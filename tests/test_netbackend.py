@@ -10,7 +10,9 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
+from gateway.initiating.client import _chain  # the errors behind one (cause, else context)
 from gateway.security.certs import CertSet
+from gateway.security.tls import client_context, server_context
 from gateway.web import loop as event_loop
 from gateway.web.netbackend import LoopStream, loop_tls_transport
 
@@ -18,17 +20,11 @@ LOOPS = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 
 
 def _server_ctx(c: CertSet) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(c.gateway_cert, c.gateway_key)
-    ctx.load_verify_locations(c.ca_cert)
-    ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS, as every XIG peer
-    return ctx
+    return server_context(c.gateway_cert, c.gateway_key, c.ca_cert)  # mutual TLS, as every XIG peer
 
 
 def _client_ctx(c: CertSet) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(c.ca_cert))
-    ctx.load_cert_chain(c.partner_cert, c.partner_key)
-    return ctx
+    return client_context(c.partner_cert, c.partner_key, c.ca_cert)
 
 
 class Server:
@@ -115,31 +111,20 @@ def test_a_silent_server_times_out_as_a_read_timeout(pki: CertSet, loop_kind: ev
     event_loop.run(_with(server, _server_ctx(pki), work), loop_kind)
 
 
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    """The errors behind ``exc`` (httpcore re-raises ``from None``: the original is the context)."""
-    out = []
-    while exc is not None and len(out) < 10:
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
-
-
 @LOOPS
 def test_tls_failures_keep_their_cause(pki: CertSet, rogue_pki: CertSet, loop_kind: event_loop.EventLoopKind) -> None:
-    other = rogue_pki  # a server certificate from a CA the client does not trust
-
     async def untrusted(url: str) -> None:
         async with httpx.AsyncClient(transport=loop_tls_transport(_client_ctx(pki))) as client:
             with pytest.raises(httpx.ConnectError) as info:
                 await client.post(url, content=b"x")
         assert any(isinstance(c, ssl.SSLCertVerificationError) for c in _chain(info.value)), _chain(info.value)
 
-    event_loop.run(_with(Server(), _server_ctx(other), untrusted), loop_kind)
+    event_loop.run(_with(Server(), _server_ctx(rogue_pki), untrusted), loop_kind)  # a CA we do not trust
 
-    async def refused(_url: str) -> None:
+    async def refused() -> None:
         async with httpx.AsyncClient(transport=loop_tls_transport(_client_ctx(pki))) as client:
             with pytest.raises(httpx.ConnectError) as info:
                 await client.post("https://127.0.0.1:9/x", content=b"x")
         assert any(isinstance(c, ConnectionRefusedError) for c in _chain(info.value)), _chain(info.value)
 
-    event_loop.run(refused(""), loop_kind)
+    event_loop.run(refused(), loop_kind)
