@@ -30,6 +30,7 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
     from gateway.store.db import open_database
     from gateway.store.jobs import SqlJobStore
     from gateway.store.ledger import SqlPatientLinks
+    from gateway.store.response_times import SqlResponseTimes
 
     engine = open_database(cfg.database.url, cfg.base_dir)
     if not cfg.pacs:
@@ -76,7 +77,7 @@ def _service(cfg: Config, *, as_json: bool) -> Iterator[tuple[PullPriors, Progre
 
     try:
         yield PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, progress=report,
-                         auditor=auditor), progress
+                         auditor=auditor, response_times=SqlResponseTimes(engine)), progress
     finally:
         event_loop.run_call(cfg.server.event_loop, local.aclose)
         audit.close()
@@ -244,23 +245,43 @@ def register(app: typer.Typer, load: Any) -> None:
     @partners_app.command("ls")
     def partners_ls(config: Annotated[Path, typer.Option("--config", "-c")],
                     as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-        """Every partner: configured [[partners]] and imported directory entries."""
+        """Every partner: configured [[partners]] and imported directory entries, with how long it usually
+        takes to answer XCPD and XCA queries (the fan-outs ask the slowest first)."""
         import dataclasses
 
-        from gateway.initiating.partners import PartnerDirectory
+        from gateway.ihe.ebrim import normalize_hcid
+        from gateway.initiating.partners import Partner, PartnerDirectory
         from gateway.store.db import open_database
         from gateway.store.directory import SqlDirectory
+        from gateway.store.response_times import SqlResponseTimes
 
         cfg = load(config)
-        imported = SqlDirectory(open_database(cfg.database.url, cfg.base_dir)).partners()
+        engine = open_database(cfg.database.url, cfg.base_dir)
+        try:
+            imported = SqlDirectory(engine).partners()
+            recorded = SqlResponseTimes(engine).all()
+        finally:
+            engine.dispose()
         partners = PartnerDirectory.from_config(cfg, extra=imported).partners()
+        times: dict[str, dict[str, dict[str, Any]]] = {}
+        for transaction, hcid, average, last, samples, updated in recorded:
+            times.setdefault(hcid, {})[transaction] = {"average_seconds": round(average, 3),
+                                                       "last_seconds": round(last, 3), "samples": samples,
+                                                       "updated_at": updated.isoformat()}
+
+        def usual(p: Partner) -> dict[str, dict[str, Any]]:
+            return times.get(normalize_hcid(p.home_community_id), {})
+
         if as_json:
-            print(json.dumps([dataclasses.asdict(p) for p in partners], indent=2))
+            print(json.dumps([dataclasses.asdict(p) | {"response_times": usual(p)} for p in partners], indent=2))
             return
-        t = Table("Name", "homeCommunityId", "Source", "XCPD", "XCA query", "XCA retrieve", "XCA-I retrieve")
+        t = Table("Name", "homeCommunityId", "Source", "XCPD", "XCA query", "XCA retrieve", "XCA-I retrieve",
+                  "Usually answers in")
         for p in partners:
+            answers = "\n".join(f"{tr} {v['average_seconds']:.2f} s ({v['samples']}×)"
+                                for tr, v in sorted(usual(p).items()))
             t.add_row(p.name, p.home_community_id, p.source, *("yes" if u else "-" for u in
-                      (p.xcpd_url, p.xca_query_url, p.xca_retrieve_url, p.xcai_retrieve_url)))
+                      (p.xcpd_url, p.xca_query_url, p.xca_retrieve_url, p.xcai_retrieve_url)), answers or "-")
         console.print(t)
 
     app.add_typer(partners_app, name="partners")

@@ -9,14 +9,15 @@ never as a traceback. ``--json`` prints a machine-readable document on stdout in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -42,6 +43,9 @@ from gateway.initiating.partners import Partner, PartnerDirectory
 from gateway.soap import mtom
 from gateway.web import loop as event_loop
 from gateway.web.client import SoapClient
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -106,8 +110,9 @@ def _partner(directory: PartnerDirectory, name: str) -> Partner:
     return found
 
 
-def _run(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]]) -> _T:
-    """Run ``work`` with a SOAP client made from the configuration; closed afterwards."""
+def _run(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]], engine: Engine | None = None) -> _T:
+    """Run ``work`` with a SOAP client made from the configuration; closed afterwards. ``engine``: the database
+    the audit trail is kept in (default: the configured one, opened here)."""
 
     from gateway.audit.assembly import audit_session
 
@@ -118,8 +123,26 @@ def _run(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]]) -> _T:
         finally:
             await soap.aclose()
 
-    with audit_session(cfg):  # every request to a partner is audited (ATNA)
+    with audit_session(cfg, engine):  # every request to a partner is audited (ATNA)
         return event_loop.run(main(), cfg.server.event_loop)
+
+
+@contextlib.contextmanager
+def _database(cfg: Config, *, as_json: bool) -> Iterator[Engine]:
+    """The configured database (migrated), disposed afterwards; exit status 1 when it cannot be opened."""
+    from gateway.store.db import open_database
+
+    try:
+        engine = open_database(cfg.database.url, cfg.base_dir)
+    except Exception as exc:  # noqa: BLE001 - an operator tool prints a sentence, never a traceback
+        _error(f"cannot open the database {cfg.database.url}: {type(exc).__name__}: {exc}")
+        if as_json:
+            _emit({"ok": False, "error": {"kind": "database", "message": f"{type(exc).__name__}: {exc}"}})
+        raise typer.Exit(1) from None
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _partner_failure(exc: PartnerError, as_json: bool) -> NoReturn:
@@ -138,10 +161,11 @@ def _error_json(exc: PartnerError) -> dict[str, Any]:
     return out
 
 
-def _guarded(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]], *, as_json: bool) -> _T:
+def _guarded(cfg: Config, work: Callable[[SoapClient], Awaitable[_T]], *, as_json: bool,
+             engine: Engine | None = None) -> _T:
     """:func:`_run`, turning PartnerError and anything unexpected into a message and exit status 1."""
     try:
-        return _run(cfg, work)
+        return _run(cfg, work, engine)
     except PartnerError as exc:
         _partner_failure(exc, as_json)
     except typer.Exit:
@@ -241,11 +265,16 @@ def discover(cfg: Config, demographics: PatientDemographics, *, partners: Sequen
     if not partners and not directory.partners("ITI-55"):
         _usage("no partner with an XCPD endpoint (xcpd_url) is configured")
 
-    async def work(soap: SoapClient) -> FanoutResult:
-        return await discover_all(cfg, directory, demographics, partners=list(partners) or None,
-                                  local_patient_id=local_id, soap_client=soap)
+    from gateway.store.response_times import SqlResponseTimes
 
-    result = _guarded(cfg, work, as_json=as_json)
+    with _database(cfg, as_json=as_json) as engine:
+        times = SqlResponseTimes(engine)  # the usually slowest partners are asked first
+
+        async def work(soap: SoapClient) -> FanoutResult:
+            return await discover_all(cfg, directory, demographics, partners=list(partners) or None,
+                                      local_patient_id=local_id, soap_client=soap, response_times=times)
+
+        result = _guarded(cfg, work, as_json=as_json, engine=engine)
     for name, slot in result.partners.items():
         if slot.error is not None:
             _error(str(slot.error))

@@ -238,6 +238,7 @@ async def pull_from(responder: Config, url: str, workdir: Path, console: Console
     from gateway.store.db import open_database
     from gateway.store.jobs import SqlJobStore
     from gateway.store.ledger import SqlPatientLinks
+    from gateway.store.response_times import SqlResponseTimes
 
     station = workdir / "import-station"
     station.mkdir(parents=True, exist_ok=True)
@@ -252,7 +253,8 @@ async def pull_from(responder: Config, url: str, workdir: Path, console: Console
     auditor = audit.enter_context(audit_session(cfg, engine))
     local = open_backends(cfg, engine, auditor=auditor)[0]
     try:
-        service = PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, auditor=auditor)
+        service = PullPriors(cfg, SqlJobStore(engine), SqlPatientLinks(engine), local, auditor=auditor,
+                             response_times=SqlResponseTimes(engine))
         request = PullRequest("DOE", "Dana", "19700405", "F", local_id="A-555")
         found = await service.discover(request)
         table = Table("Community", "Date", "Modality", "Description", "Instances", title="prior studies found")

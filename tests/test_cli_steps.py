@@ -22,6 +22,8 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.dicom.kos import parse_kos
 from gateway.dicom.synth import SyntheticStudy, make_study
 from gateway.security.certs import CertSet
+from gateway.store.db import open_database
+from gateway.store.response_times import SqlResponseTimes
 from gateway.web.server import BackgroundServer
 from tests.conftest import write_config
 
@@ -126,9 +128,18 @@ def test_chained_discover_documents_retrieve_kos_retrieve_images(world: Any, tmp
     b = next(p for p in found["partners"] if p["partner"] == "Community B")
     assert b["matches"][0]["home_community_id"] == B_HCID and b["seconds"] > 0
     patient_id = b["matches"][0]["patient_id"]
-    # the table form too
-    r = xig("discover", "--config", c, *DEMOGRAPHICS, "--partner", "Community B")
-    assert r.exit_code == 0 and "Community B" in r.stdout and "match (1)" in r.stdout and B_HCID in r.stdout
+    # each partner's response time is recorded in the station's database (the next fan-out asks the slowest first)
+    engine = open_database(a.database.url, a.base_dir)
+    try:
+        first = {hcid: samples for tr, hcid, _, _, samples, _ in SqlResponseTimes(engine).all() if tr == "ITI-55"}
+        assert first.keys() >= {B_HCID, C_HCID} and first[B_HCID] >= 1
+        # the table form too
+        r = xig("discover", "--config", c, *DEMOGRAPHICS, "--partner", "Community B")
+        assert r.exit_code == 0 and "Community B" in r.stdout and "match (1)" in r.stdout and B_HCID in r.stdout
+        again = {hcid: samples for tr, hcid, _, _, samples, _ in SqlResponseTimes(engine).all() if tr == "ITI-55"}
+        assert again[B_HCID] == first[B_HCID] + 1 and again[C_HCID] == first[C_HCID]
+    finally:
+        engine.dispose()
     # XIG answers NotHealthDataLocator: the flag is shown per match, not dropped
     assert b["matches"][0]["health_data_locator"] is False
     row = next(line for line in r.stdout.splitlines() if "match (1)" in line)
@@ -221,6 +232,17 @@ def test_unreachable_partner(world: Any, tmp_path: Path) -> None:
     r = xig("retrieve-kos", "--config", c, "--partner", "Dead", "--document-id", "1.2.3", "--out",
             str(tmp_path / "k"), "--json")
     assert r.exit_code == 1 and json.loads(r.stdout)["error"]["kind"] == "unreachable"
+
+
+def test_a_database_that_cannot_be_opened_is_one_sentence(world: Any, tmp_path: Path) -> None:
+    a, _, _ = world
+    (tmp_path / "station").mkdir()
+    broken = tmp_path / "station" / "xig.toml"
+    broken.write_text((a.base_dir / "xig.toml").read_text().replace('url = "sqlite:///xig.db"',
+                                               f'url = "postgresql://xig@127.0.0.1:{closed_port()}/xig"'))
+    r = xig("discover", "--config", str(broken), *DEMOGRAPHICS, "--partner", "Community B", "--json")
+    assert r.exit_code == 1 and "cannot open the database postgresql://" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["error"]["kind"] == "database" and "Traceback" not in r.stderr + r.stdout
 
 
 def test_usage_errors_exit_2(world: Any, tmp_path: Path) -> None:

@@ -42,13 +42,15 @@ from gateway.initiating.client import (
     check_reply,
     open_soap_client,
 )
-from gateway.initiating.fanout import discover_all, find_all
+from gateway.initiating.fanout import discover_all, find_all, start_order
 from gateway.initiating.partners import Partner, PartnerDirectory, parse_fhir_directory, transaction_of
 from gateway.security.certs import CertSet
 from gateway.security.outbound import NHIN_PURPOSE, default_identity
 from gateway.security.saml import CodedValue
 from gateway.soap import mtom, ns, xml
 from gateway.soap.envelope import build_envelope
+from gateway.store.db import make_engine, open_database
+from gateway.store.response_times import WEIGHT, SqlResponseTimes
 from gateway.web import loop as event_loop
 from gateway.web.app import RequestContext, SoapResponse
 from gateway.web.client import parse_reply
@@ -238,6 +240,74 @@ async def _discover_all_isolates_every_partner(network: Network) -> None:
     assert res.communities[A["home_community_id"]].partner.name == "A"  # type: ignore[union-attr]
     # concurrent: bounded by the slowest partner's timeout, not the sum of the two slow ones
     assert SLOW_TIMEOUT <= res.seconds < 2 * SLOW_TIMEOUT, timings
+
+
+def test_start_order_unknown_first_then_slowest_first() -> None:
+    keys = ["a", "b", "c", "d", "e", "f"]
+    expected = {"b": 0.2, "d": 3.0, "f": 0.2, "e": 1.0}
+    together, one_by_one = start_order(keys, expected)
+    assert [keys[i] for i in together] == ["a", "c"]  # no record: first, in their order
+    assert [keys[i] for i in one_by_one] == ["d", "e", "b", "f"]  # slowest first; a tie keeps the order
+    assert start_order(keys, {}) == ([0, 1, 2, 3, 4, 5], [])
+
+
+async def test_the_usually_slowest_partners_are_asked_first_and_their_times_recorded(
+        network: Network, tmp_path: Path) -> None:
+    engine = open_database(f"sqlite:///{tmp_path}/times.db", tmp_path)
+    times = SqlResponseTimes(engine)
+    hcid = {p.name: ebrim.normalize_hcid(p.home_community_id) for p in network.directory}
+    times.record("ITI-55", {hcid["B"]: 2.0, hcid["A"]: 0.5, hcid["closed"]: 9.0, hcid["untrusted"]: 1.0})
+    started: list[str] = []
+
+    def factory(cfg: Config, partner: Partner, soap: Any) -> PartnerClient:
+        started.append(partner.name)  # each partner's task makes its client first
+        return PartnerClient(cfg, partner, soap)
+
+    chosen = ["A", "B", "C", "slow-1", "untrusted", "closed"]
+    try:
+        res = await discover_all(network.ig, network.directory, DEMOGRAPHICS, partners=chosen,
+                                 client_factory=factory, response_times=times)
+        # no record yet (C, slow-1) first, then by recorded time, slowest first; results in the asked order
+        assert started == ["C", "slow-1", "closed", "B", "untrusted", "A"]
+        assert list(res.partners) == chosen
+        assert res.partners["A"].ok and res.partners["B"].ok and res.partners["slow-1"].error is not None
+        rows = {r[1]: r[2:5] for r in times.all() if r[0] == "ITI-55"}  # average, last, samples
+        for name, before in (("A", 0.5), ("B", 2.0)):
+            seconds = res.partners[name].seconds
+            assert rows[hcid[name]] == (pytest.approx(before + WEIGHT * (seconds - before)), seconds, 2)
+        # an answer (C's AE) and a timeout tell how long a partner takes; a refused connection or a failed
+        # TLS handshake does not
+        assert rows[hcid["C"]] == (res.partners["C"].seconds,) * 2 + (1,)
+        assert rows[hcid["slow-1"]][2] == 1 and rows[hcid["slow-1"]][0] >= SLOW_TIMEOUT
+        assert rows[hcid["closed"]] == (9.0, 9.0, 1) and rows[hcid["untrusted"]] == (1.0, 1.0, 1)
+
+        docs = await find_all(network.ig, res, response_times=times)
+        assert not docs.errors
+        assert {r[1] for r in times.all() if r[0] == "ITI-38"} == {hcid["A"], hcid["B"]}
+    finally:
+        engine.dispose()
+
+
+async def test_response_times_that_cannot_be_read_or_written_change_only_the_order(
+        network: Network, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A database without the table (not migrated): the fan-out runs in the asked order, with warnings."""
+    engine = make_engine(f"sqlite:///{tmp_path}/empty.db")
+    started: list[str] = []
+
+    def factory(cfg: Config, partner: Partner, soap: Any) -> PartnerClient:
+        started.append(partner.name)
+        return PartnerClient(cfg, partner, soap)
+
+    try:
+        with caplog.at_level("WARNING", logger="xig.initiating"):
+            res = await discover_all(network.ig, network.directory, DEMOGRAPHICS, partners=["B", "A"],
+                                     client_factory=factory, response_times=SqlResponseTimes(engine))
+    finally:
+        engine.dispose()
+    assert started == ["B", "A"] and res.partners["A"].ok and res.partners["B"].ok
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("response times not available" in m and "no such table" in m for m in messages), messages
+    assert any("could not record the partners' response times" in m for m in messages), messages
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])

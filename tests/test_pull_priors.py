@@ -200,13 +200,24 @@ def test_partners_from_a_fhir_directory(world: Any, tmp_path: Path, pki: CertSet
     r = subprocess.run([*cmd, "partners", "ls", "--config", str(cfg_path), "--json"], capture_output=True,
                        text=True, env=env, timeout=60)
     listed = json.loads(r.stdout)
-    assert [(p["name"], p["source"]) for p in listed] == [("B from the directory", "directory")]
+    assert [(p["name"], p["source"], p["response_times"]) for p in listed] == [("B from the directory", "directory",
+                                                                               {})]
     r = subprocess.run([*cmd, "pull-priors", "--config", str(cfg_path), "--family", "RIVERA", "--given", "Ana",
                         "--birth-date", "19750612", "--gender", "F", "--local-id", "L-9", "--yes", "--json"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout)
     assert summary["complete"] and summary["counts"] == {"stored": 8}  # B's two studies (5 + 3 instances)
+    # the pull recorded how long B took to answer XCPD and the query (the next fan-outs start the slowest first)
+    r = subprocess.run([*cmd, "partners", "ls", "--config", str(cfg_path), "--json"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    (b,) = json.loads(r.stdout)
+    assert set(b["response_times"]) == {"ITI-55", "ITI-38"}, b
+    assert all(t["samples"] == 1 and 0 < t["average_seconds"] == t["last_seconds"] < 60
+               for t in b["response_times"].values()), b
+    r = subprocess.run([*cmd, "partners", "ls", "--config", str(cfg_path)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and "Usually answers in" in r.stdout and "ITI-55" in r.stdout and "(1×)" in r.stdout
 
 
 @pytest.mark.parametrize("kind", ["dicomweb", "dimse"])

@@ -1,5 +1,5 @@
-"""Persistence: migrations, the KOS ledger (RAD-75 authorisation), patient links, jobs and the partner
-directory — the same behaviour on SQLite and on a real PostgreSQL.
+"""Persistence: migrations, the KOS ledger (RAD-75 authorisation), patient links, jobs, the partner
+directory and the partners' response times — the same behaviour on SQLite and on a real PostgreSQL.
 
 Every test runs on both databases (``db_url``): a fresh SQLite file and a fresh PostgreSQL database of
 a real server (:mod:`tests.postgres`). "Restart" means a new engine on the same URL, as a new process
@@ -23,6 +23,7 @@ from gateway.store.db import MIGRATIONS, applied_versions, make_engine, migrate,
 from gateway.store.directory import SqlDirectory
 from gateway.store.jobs import JobInstance, JobStudy, SqlJobStore
 from gateway.store.ledger import SqlLedger, SqlPatientLinks
+from gateway.store.response_times import WEIGHT, SqlResponseTimes
 
 if TYPE_CHECKING:
     from tests.postgres import PostgresServer
@@ -219,6 +220,48 @@ def test_directory_replace_all(engines: list[Engine]) -> None:
     assert [p.name for p in directory.partners()] == ["A", "B"]
     assert directory.replace_all([Partner(name="C", home_community_id="urn:oid:2.999.5")], "two.json") == 1
     assert [(p.name, p.home_community_id) for p in directory.partners()] == [("C", "urn:oid:2.999.5")]
+
+
+def test_response_times_average_per_transaction_and_community(engines: list[Engine], db_url: str,
+                                                              tmp_path: Path) -> None:
+    times = SqlResponseTimes(engines[0])
+    a, b, c = "urn:oid:2.999.5", "urn:oid:2.999.6", "urn:oid:2.999.7"
+    assert times.expected("ITI-55", [a, b]) == {} and times.expected("ITI-55", []) == {}
+    times.record("ITI-55", {a: 2.0, b: 0.25})
+    times.record("ITI-38", {a: 9.0})
+    times.record("ITI-55", {})  # nothing observed: nothing written
+    assert times.expected("ITI-55", [a, b, c]) == {a: 2.0, b: 0.25}  # a first observation is the average
+    times.record("ITI-55", {a: 1.0})
+    again = SqlResponseTimes(reopen(engines, db_url, tmp_path))  # a new process sees it
+    expected = again.expected("ITI-55", [a, b, a])
+    assert expected.keys() == {a, b} and expected[a] == pytest.approx(2.0 + WEIGHT * (1.0 - 2.0))
+    assert again.expected("ITI-38", [a, b]) == {a: 9.0}  # per transaction
+    rows = {(r[0], r[1]): r[2:5] for r in again.all()}
+    assert rows[("ITI-55", a)] == (pytest.approx(2.0 + WEIGHT * (1.0 - 2.0)), 1.0, 2)  # average, last, samples
+    assert rows[("ITI-55", b)] == (0.25, 0.25, 1) and rows[("ITI-38", a)] == (9.0, 9.0, 1)
+
+
+def test_concurrent_response_time_records_are_all_counted(engines: list[Engine], db_url: str,
+                                                         tmp_path: Path) -> None:
+    """Two processes recording the same communities at once: no observation lost to a read-modify-write."""
+    stores = [SqlResponseTimes(engines[0]), SqlResponseTimes(reopen(engines, db_url, tmp_path))]
+    hcids = [f"urn:oid:2.999.9.{i}" for i in range(5)]
+    errors: list[BaseException] = []
+
+    def record(store: SqlResponseTimes) -> None:
+        try:
+            for _ in range(10):
+                store.record("ITI-55", dict.fromkeys(hcids, 1.0))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=record, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {r[1]: r[4] for r in stores[0].all()} == dict.fromkeys(hcids, 20)
 
 
 def test_the_postgres_fixture_is_a_real_server(postgres: PostgresServer, pg_url: str) -> None:

@@ -32,7 +32,7 @@ from gateway.ihe import ebrim
 from gateway.ihe.ebrim import DCM_OID, DocumentEntry
 from gateway.ihe.iti55 import PatientDemographics, PersonName
 from gateway.initiating.client import ImageRequest, ImagesOutcome, PartnerClient, RetrievedManifest, open_soap_client
-from gateway.initiating.fanout import CommunityDocuments, discover_all, find_all
+from gateway.initiating.fanout import CommunityDocuments, ResponseTimes, discover_all, find_all
 from gateway.initiating.partners import Partner, PartnerDirectory
 from gateway.pacs.base import PacsBackend
 from gateway.soap import mtom
@@ -90,9 +90,12 @@ class JobBusyError(XigError):
 class PullPriors:
     def __init__(self, config: Config, store: SqlJobStore, links: SqlPatientLinks, local_pacs: PacsBackend,
                  directory: PartnerDirectory | None = None, progress: Progress = _quiet,
-                 auditor: Auditor | None = None) -> None:
+                 auditor: Auditor | None = None, response_times: ResponseTimes | None = None) -> None:
+        """``response_times``: the partners' recorded response times (the fan-outs ask the usually slowest
+        first, see :mod:`gateway.initiating.fanout`); None = in the directory's order, nothing recorded."""
         self.config = config
         self.auditor = auditor
+        self.response_times = response_times
         self.store = store
         self.links = links
         self.pacs = local_pacs
@@ -115,7 +118,8 @@ class PullPriors:
         async with open_soap_client(self.config) as soap:
             fan = await discover_all(self.config, self.directory, request.demographics(),
                                      partners=request.partners or None, local_patient_id=request.local_id,
-                                     soap_client=soap, client_factory=self._client)
+                                     soap_client=soap, client_factory=self._client,
+                                     response_times=self.response_times)
             result.errors += [str(err) for err in fan.errors.values()]
             for name, outcome in fan.outcomes.items():
                 self.progress("discovered", {"partner": name, "status": outcome.status})
@@ -125,7 +129,8 @@ class PullPriors:
                                         local_assigning_authority=self.config.gateway.assigning_authority,
                                         remote_home_community_id=c.home_community_id, remote_patient_id=pid.id,
                                         remote_assigning_authority=pid.assigning_authority)
-            docs = await find_all(self.config, fan, soap_client=soap, client_factory=self._client)
+            docs = await find_all(self.config, fan, soap_client=soap, client_factory=self._client,
+                                  response_times=self.response_times)
             result.errors += [str(e) for e in docs.errors]
             # one ITI-39 exchange per (community, patient id) query: batched by the partner's limit
             batches: dict[int, tuple[CommunityDocuments, list[DocumentEntry]]] = {}

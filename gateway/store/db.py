@@ -49,6 +49,8 @@ MIGRATIONS: list[Migration] = [
               lambda conn: tables.metadata.create_all(conn, tables=[
                   tables.audit_messages, tables.audit_patients, tables.audit_studies, tables.audit_deliveries,
                   tables.audit_repositories])),
+    Migration(5, "partner response times (fan-out order)",
+              lambda conn: tables.metadata.create_all(conn, tables=[tables.partner_response_times])),
 ]
 
 

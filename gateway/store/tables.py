@@ -240,6 +240,18 @@ audit_repositories = Table(
     Column("last_delivered_at", DateTime(timezone=True)),
 )
 
+#: How long each partner community took to answer each transaction (:mod:`gateway.store.response_times`):
+#: a moving average the fan-outs use to start the slowest partners first.
+partner_response_times = Table(
+    "partner_response_times", metadata,
+    Column("transaction", String(16), primary_key=True),
+    Column("home_community_id", String(UID + 8), primary_key=True),
+    Column("average_seconds", Float, nullable=False),  # exponentially weighted moving average
+    Column("last_seconds", Float, nullable=False),
+    Column("samples", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 #: Applied schema migrations (see :mod:`gateway.store.db`).
 schema_migrations = Table(
     "schema_migrations", metadata,
