@@ -130,10 +130,12 @@ class SqlAuditStore:
         with self.engine.begin() as conn:
             for r in records:
                 s = r.summary
-                result = conn.execute(audit_messages.insert().values(
-                    recorded_at=_utc(r.recorded_at), event_time=_utc(s.when), event=s.event[:64], outcome=s.outcome,
-                    user=s.user[:512], community=s.community[:72], hostname=r.hostname, app_name=r.app_name,
-                    procid=r.procid, xml=r.xml))
+                # parameters, not .values(): one cached statement (building and keying a new one per message
+                # was a third of the recording's CPU, on the initiating side's event loop)
+                result = conn.execute(audit_messages.insert(), {
+                    "recorded_at": _utc(r.recorded_at), "event_time": _utc(s.when), "event": s.event[:64],
+                    "outcome": s.outcome, "user": s.user[:512], "community": s.community[:72],
+                    "hostname": r.hostname, "app_name": r.app_name, "procid": r.procid, "xml": r.xml})
                 key = result.inserted_primary_key
                 assert key is not None
                 message_id = int(key[0])
