@@ -11,7 +11,7 @@ import ssl
 import pytest
 
 from gateway.dicom.synth import derive_uid, make_instance
-from gateway.pacs.base import InstanceRef, RetrievedInstance, RetrieveFailure
+from gateway.pacs.base import InstanceRef, PacsError, RetrievedInstance, RetrieveFailure
 from gateway.pacs.dicomweb import DicomwebBackend, MultipartReader, _Connection
 from gateway.security.certs import CertSet
 from gateway.security.tls import client_context, server_context
@@ -36,8 +36,11 @@ class Server:
 
     def __init__(self, files: dict[str, bytes], framing: str, *, lf: bool = False, chunk: int = 7777,
                  count: int | None = None, keepalive: bool = True, interim: bool = False, http10: bool = False,
-                 drop: set[str] = frozenset(), cut_after: int | None = None, close_idle: bool = False) -> None:
+                 drop: set[str] = frozenset(), cut_after: int | None = None, close_idle: bool = False,
+                 part_length: bool = False) -> None:
+        """``part_length``: each part carries a Content-Length header, as Orthanc's do."""
         self.files, self.framing, self.lf, self.chunk = files, framing, lf, chunk
+        self.part_length = part_length
         self.count = len(files) if count is None else count
         self.keepalive, self.interim, self.http10, self.drop = keepalive, interim, http10, drop
         self.cut_after, self.close_idle = cut_after, close_idle
@@ -48,7 +51,8 @@ class Server:
         nl = b"\n" if self.lf else b"\r\n"
         out = b"preamble" + nl
         for sop in sops:
-            out += b"--BOUND" + nl + b"Content-Type: application/dicom" + nl + nl + self.files[sop] + nl
+            length = b"Content-Length: %d" % len(self.files[sop]) + nl if self.part_length else b""
+            out += b"--BOUND" + nl + b"Content-Type: application/dicom" + nl + length + nl + self.files[sop] + nl
         return out + b"--BOUND--" + nl + b"epilogue"
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -141,17 +145,20 @@ def refs(files: dict[str, bytes], n: int | None = None) -> list[InstanceRef]:
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
 @pytest.mark.parametrize("lf", [False, True])
 @pytest.mark.parametrize("chunk", [1, 13, 7777, 1 << 20])
-async def test_framings(files: dict[str, bytes], framing: str, lf: bool, chunk: int) -> None:
-    s = Server(files, framing, lf=lf, chunk=chunk)
+@pytest.mark.parametrize("part_length", [False, True])
+async def test_framings(files: dict[str, bytes], framing: str, lf: bool, chunk: int, part_length: bool) -> None:
+    s = Server(files, framing, lf=lf, chunk=chunk, part_length=part_length)
     got, failed = await run(s, refs(files))
     assert failed == {} and got == files
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
 @pytest.mark.parametrize("chunk", [1, 7777, 1 << 20])
-def test_framings_on_uvloop(files: dict[str, bytes], framing: str, chunk: int) -> None:
+@pytest.mark.parametrize("part_length", [False, True])
+def test_framings_on_uvloop(files: dict[str, bytes], framing: str, chunk: int, part_length: bool) -> None:
     """The gateway serves on uvloop: its transports drive the connection's buffered reads differently."""
-    got, failed = event_loop.run(run(Server(files, framing, chunk=chunk), refs(files)), "uvloop")
+    got, failed = event_loop.run(run(Server(files, framing, chunk=chunk, part_length=part_length), refs(files)),
+                                 "uvloop")
     assert failed == {} and got == files
 
 
@@ -284,8 +291,10 @@ async def _https(files: dict[str, bytes], c: CertSet) -> None:
     assert all(isinstance(i, RetrieveFailure) and not i.missing and "CERTIFICATE" in i.reason.upper() for i in out)
 
 
-async def test_multipart_reader_splits_everywhere(files: dict[str, bytes]) -> None:
-    body = Server(files, "length", lf=False).multipart(list(files))
+@pytest.mark.parametrize("part_length", [False, True])
+@pytest.mark.parametrize("lf", [False, True])
+async def test_multipart_reader_splits_everywhere(files: dict[str, bytes], part_length: bool, lf: bool) -> None:
+    body = Server(files, "length", lf=lf, part_length=part_length).multipart(list(files))
     for step in (1, 2, 3, 47, 48, 49, 50, 1000):
         async def gen():  # type: ignore[no-untyped-def]
             for i in range(0, len(body), step):
@@ -293,7 +302,8 @@ async def test_multipart_reader_splits_everywhere(files: dict[str, bytes]) -> No
         r = MultipartReader(gen(), "BOUND")
         out = []
         while (h := await r.next_part()) is not None:
-            assert h == {"content-type": "application/dicom"}
+            assert h["content-type"] == "application/dicom"
+            assert h.get("content-length") == (str(len(files[list(files)[len(out)]])) if part_length else None)
             data = b""
             while (p := await r.read()) is not None:
                 data += p
@@ -301,9 +311,44 @@ async def test_multipart_reader_splits_everywhere(files: dict[str, bytes]) -> No
         assert out == list(files.values()) and r.complete
 
 
-async def test_multipart_reader_cr_in_data() -> None:
+async def test_multipart_reader_passes_whole_chunks_of_a_counted_part_on() -> None:
+    """A part with a Content-Length: input chunks inside its body are passed on as they are (no slice, no
+    copy), even when they end with what looks like the start of a delimiter."""
+    chunks = [b"--BOUND\r\nContent-Length: 18\r\n\r\n", b"abcd\r\n--BO", b"UNDx", b"1234", b"\r\n--BOUND--"]
+
+    async def gen():  # type: ignore[no-untyped-def]
+        for c in chunks:
+            yield c
+    r = MultipartReader(gen(), "BOUND")
+    assert await r.next_part() == {"content-length": "18"}
+    pieces = []
+    while (p := await r.read()) is not None:
+        pieces.append(p)
+    assert pieces == [b"abcd\r\n--BO", b"UNDx", b"1234"]
+    assert all(p is c for p, c in zip(pieces, chunks[1:], strict=False))
+    assert await r.next_part() is None and r.complete
+
+
+@pytest.mark.parametrize("length", [5, 7, 50])
+async def test_multipart_reader_refuses_a_part_longer_or_shorter_than_its_content_length(length: int) -> None:
+    body = b"--BOUND\r\nContent-Length: %d\r\n\r\nsixxxx\r\n--BOUND\r\n\r\nnext\r\n--BOUND--" % length
+
+    async def gen():  # type: ignore[no-untyped-def]
+        yield body
+    r = MultipartReader(gen(), "BOUND")
+    assert await r.next_part() is not None
+    with pytest.raises(PacsError) as info:
+        while await r.read() is not None:
+            pass
+    assert "part 1 does not end where its Content-Length says" in str(info.value) or "truncated" in str(info.value)
+    assert length != 50 or "truncated" in str(info.value)  # past the end of the message
+
+
+@pytest.mark.parametrize("part_length", [False, True])
+async def test_multipart_reader_cr_in_data(part_length: bool) -> None:
     data = [b"\r\r\n\n-BOUNDARY-ish\r", b"x\r\n", b"\r\n--BOUN", b"\n", b"\r", b""]
-    body = b"".join(b"--BOUND\r\n\r\n" + d + b"\r\n" for d in data) + b"--BOUND--"
+    body = b"".join(b"--BOUND\r\n" + (b"Content-Length: %d\r\n" % len(d) if part_length else b"") + b"\r\n" + d
+                    + b"\r\n" for d in data) + b"--BOUND--"
     for step in (1, 2, 5, 100):
         async def gen():  # type: ignore[no-untyped-def]
             for i in range(0, len(body), step):

@@ -201,6 +201,11 @@ class MultipartReader:
     Body pieces are the input chunks themselves or one slice of them (no joining, at most one copy);
     only the few bytes at the end of a chunk that could begin a delimiter are held back, and joined to
     the next chunk. Memory: one input chunk plus the delimiter length.
+
+    A part with a ``Content-Length`` header (Orthanc sends one, PS3.18 allows it) is read by its length:
+    no search through its body, no bytes held back, whole input chunks passed on as they are; the
+    delimiter must then follow exactly, else the part is refused (:class:`PacsError`) — a server whose
+    length and framing disagree is not trusted with either.
     """
 
     _PREAMBLE, _AFTER_DELIM, _BODY, _DONE = range(4)
@@ -216,6 +221,8 @@ class MultipartReader:
         self._state = self._PREAMBLE
         self._eof = False
         self.part_index = -1
+        self._length: int | None = None  # body bytes still to come, for a part with a Content-Length
+        self._crlf = True
         #: the closing delimiter was read: the server sent the whole message
         self.complete = False
 
@@ -265,10 +272,12 @@ class MultipartReader:
         while True:
             if self._buf.startswith(b"\n", self._pos) or self._buf.startswith(b"\r\n", self._pos):
                 raw = b""  # a part without headers
-                self._pos += 1 if self._buf[self._pos] == 0x0A else 2
+                crlf = self._buf[self._pos] != 0x0A
+                self._pos += 2 if crlf else 1
                 break
             if (m := self._HEADER_END.search(self._buf, self._pos)) is not None:
                 raw = self._buf[self._pos:m.start()]
+                crlf = m.group().endswith(b"\r\n")
                 self._pos = m.end()
                 break
             if self._left() > _MAX_PART_HEADER or not await self._fill():
@@ -278,6 +287,9 @@ class MultipartReader:
             name, sep, value = line.partition(":")
             if sep:
                 headers.setdefault(name.strip().lower(), value.strip())
+        length = headers.get("content-length", "")
+        self._length = int(length) if length.isdigit() and len(length) < 19 else None
+        self._crlf = crlf  # the line ends this part uses: the one before its closing delimiter too
         self._state = self._BODY
         self.part_index += 1
         return headers
@@ -285,6 +297,8 @@ class MultipartReader:
     async def read(self) -> bytes | None:
         if self._state != self._BODY:
             return None
+        if self._length is not None:
+            return await self._read_counted(self._length)
         delim = self._delim
         while True:
             buf, pos = self._buf, self._pos
@@ -306,6 +320,27 @@ class MultipartReader:
                 return buf[pos:cut]  # the chunk itself when it is all body (no copy)
             if not await self._fill():
                 raise PacsError("multipart response truncated in the middle of a part")
+
+    async def _read_counted(self, remaining: int) -> bytes | None:
+        """The next piece of a body read by its Content-Length; at its end, check the delimiter and return None."""
+        if remaining:
+            while self._left() == 0:
+                if not await self._fill():
+                    raise PacsError("multipart response truncated in the middle of a part")
+            buf, pos = self._buf, self._pos
+            end = min(len(buf), pos + remaining)
+            self._pos, self._length = end, remaining - (end - pos)
+            return buf if pos == 0 and end == len(buf) else buf[pos:end]  # a whole chunk: no copy
+        delim = b"\r" + self._delim if self._crlf else self._delim
+        while self._left() < len(delim) and await self._fill():
+            pass
+        pos = self._pos
+        if not self._buf.startswith(delim, pos):
+            raise PacsError(f"multipart part {self.part_index + 1} does not end where its Content-Length says (no "
+                            "delimiter there): the server's framing cannot be trusted")
+        self._pos, self._length = pos + len(delim), None
+        self._state = self._AFTER_DELIM
+        return None
 
 
 # -------------------------------------------------------------------------------------------------
