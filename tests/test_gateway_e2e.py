@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pytest
 from lxml import etree
@@ -41,6 +42,7 @@ from gateway.security.certs import CertSet
 from gateway.security.outbound import security_header
 from gateway.security.tls import client_context
 from gateway.soap import mtom, ns, xml
+from gateway.web import server as web_server
 from gateway.web.app import RequestContext, SoapResponse
 from gateway.web.client import SoapClient, SoapReply, TransportError
 from gateway.web.endpoints import XCA_QUERY, XCA_RETRIEVE, XCAI_RETRIEVE, XCPD
@@ -63,6 +65,17 @@ def retrieve_request(*doc_ids: str) -> etree._Element:
         etree.SubElement(dr, ns.q(ns.XDSB, "RepositoryUniqueId")).text = "2.999.1.2"
         etree.SubElement(dr, ns.q(ns.XDSB, "DocumentUniqueId")).text = d
     return req
+
+
+def imaging_request() -> etree._Element:
+    """A RAD-75 request for one instance (the stand-in handler streams its four big parts whatever is asked)."""
+    body = etree.Element(ns.q(ns.XDSI, "RetrieveImagingDocumentSetRequest"), nsmap={"xdsi": ns.XDSI, "xdsb": ns.XDSB})
+    study = etree.SubElement(body, ns.q(ns.XDSI, "StudyRequest"), studyInstanceUID="1.2.3")
+    series = etree.SubElement(study, ns.q(ns.XDSI, "SeriesRequest"), seriesInstanceUID="1.2.3.1")
+    series.append(retrieve_request("1.2.3.0")[0])
+    tsl = etree.SubElement(body, ns.q(ns.XDSI, "TransferSyntaxUIDList"))
+    etree.SubElement(tsl, ns.q(ns.XDSI, "TransferSyntaxUID")).text = "1.2.840.10008.1.2.1"
+    return body
 
 
 def retrieve_response(docs: list[tuple[str, str | None]]) -> etree._Element:
@@ -210,12 +223,7 @@ async def test_streaming_200mb_response_has_bounded_memory(gw: Any, config: Conf
     import hashlib
 
     url = gw.url + XCAI_RETRIEVE.path
-    body = etree.Element(ns.q(ns.XDSI, "RetrieveImagingDocumentSetRequest"), nsmap={"xdsi": ns.XDSI, "xdsb": ns.XDSB})
-    study = etree.SubElement(body, ns.q(ns.XDSI, "StudyRequest"), studyInstanceUID="1.2.3")
-    series = etree.SubElement(study, ns.q(ns.XDSI, "SeriesRequest"), seriesInstanceUID="1.2.3.1")
-    series.append(retrieve_request("1.2.3.0")[0])
-    tsl = etree.SubElement(body, ns.q(ns.XDSI, "TransferSyntaxUIDList"))
-    etree.SubElement(tsl, ns.q(ns.XDSI, "TransferSyntaxUID")).text = "1.2.840.10008.1.2.1"
+    body = imaging_request()
     tracemalloc.start()
     try:
         reply = await call(url, body, XCAI_RETRIEVE.request_action, config, pki, use_mtom=True,
@@ -238,6 +246,52 @@ async def test_streaming_200mb_response_has_bounded_memory(gw: Any, config: Conf
         assert h.hexdigest() == expected.hexdigest()
     # server and client both run in this process: 200 MB went through with a few MB of Python memory
     assert peak < 32 * 1024 * 1024, f"peak Python allocation {peak / 1e6:.1f} MB"
+
+
+def test_a_body_chunk_goes_to_the_transport_as_it_is() -> None:
+    """The server's h11 connection hands the chunk-size line, the data object itself and the CRLF to the
+    transport (no joined copy of a streamed response's bytes); everything else is h11's own framing."""
+    class Transport:
+        def __init__(self) -> None:
+            self.written: list[Any] = []
+
+        def writelines(self, pieces: list[Any]) -> None:
+            self.written.append(list(pieces))
+
+    conn, transport = web_server._BodyPassthrough(h11.SERVER), Transport()
+    conn.transport = transport  # type: ignore[assignment]
+    conn.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert isinstance(conn.next_event(), h11.Request) and isinstance(conn.next_event(), h11.EndOfMessage)
+    head = conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")]))
+    assert head is not None and head.startswith(b"HTTP/1.1 200") and transport.written == []
+    data = memoryview(b"0123456789abcdef" * 4096)[5:70000]
+    assert conn.send(h11.Data(data=data)) == b""
+    ((size, same, crlf),) = transport.written
+    assert size == b"%x\r\n" % len(data) and same is data and crlf == b"\r\n"
+    assert conn.send(h11.EndOfMessage()) == b"0\r\n\r\n"
+
+
+async def test_streamed_chunks_reach_the_passthrough_unjoined(gw: Any, config: Config, pki: CertSet,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving protocol really uses :class:`_BodyPassthrough` (uvicorn builds its own h11 connection; XIG
+    replaces it): the chunk objects the RAD-75 stand-in yields arrive there as they are."""
+    seen: list[Any] = []
+    send = web_server._BodyPassthrough.send
+
+    def spy(self: web_server._BodyPassthrough, event: Any) -> bytes | None:
+        if type(event) is h11.Data:
+            seen.append(event.data)
+        return send(self, event)
+
+    monkeypatch.setattr(web_server._BodyPassthrough, "send", spy)
+    url = gw.url + XCAI_RETRIEVE.path
+    body = imaging_request()
+    reply = await call(url, body, XCAI_RETRIEVE.request_action, config, pki, use_mtom=True,
+                       sink_factory=lambda info: mtom.FileSink(tmp_path))
+    assert reply.fault is None and len(reply.attachments) == 4
+    big = [d for d in seen if len(d) == CHUNK]
+    assert len(big) == 4 * PART_SIZE // CHUNK  # every 1 MiB chunk of the four parts, as produced
+    assert {bytes(d[:256]) for d in big} == {_pattern(i)[:256] for i in range(4)}
 
 
 async def test_wsdl_health_and_schemas(gw: Any, pki: CertSet) -> None:

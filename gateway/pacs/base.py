@@ -116,12 +116,13 @@ class InstanceRef:
 
 @dataclass
 class RetrievedInstance:
-    """A DICOM Part 10 object as it streams out of the PACS (read ``chunks`` exactly once)."""
+    """A DICOM Part 10 object as it streams out of the PACS (read ``chunks`` exactly once; a chunk is ``bytes``
+    or a ``memoryview`` of a network read, valid for as long as it is referenced)."""
 
     ref: InstanceRef
     TransferSyntaxUID: str
     SOPClassUID: str
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[bytes | memoryview]
     size: int | None = None
 
 

@@ -151,7 +151,7 @@ def _family_variants(family: str) -> list[str]:
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
-def parse_file_meta(head: bytes | bytearray, *, final: bool = False) -> dict[int, str] | None:
+def parse_file_meta(head: bytes | bytearray | memoryview, *, final: bool = False) -> dict[int, str] | None:
     """UI elements of a Part 10 File Meta group, keyed by element number (``0x0010`` = Transfer Syntax).
 
     ``head`` is the start of the file; ``None`` means "need more bytes" (unless ``final``, when the
@@ -294,7 +294,7 @@ class MultipartReader:
         self.part_index += 1
         return headers
 
-    async def read(self) -> bytes | None:
+    async def read(self) -> bytes | memoryview | None:
         if self._state != self._BODY:
             return None
         if self._length is not None:
@@ -321,8 +321,11 @@ class MultipartReader:
             if not await self._fill():
                 raise PacsError("multipart response truncated in the middle of a part")
 
-    async def _read_counted(self, remaining: int) -> bytes | None:
-        """The next piece of a body read by its Content-Length; at its end, check the delimiter and return None."""
+    async def _read_counted(self, remaining: int) -> bytes | memoryview | None:
+        """The next piece of a body read by its Content-Length; at its end, check the delimiter and return None.
+
+        A piece is an input chunk itself or a ``memoryview`` of part of one — never a copy (the pieces go on
+        to the partner's TLS stream, which takes any buffer)."""
         if remaining:
             while self._left() == 0:
                 if not await self._fill():
@@ -330,7 +333,7 @@ class MultipartReader:
             buf, pos = self._buf, self._pos
             end = min(len(buf), pos + remaining)
             self._pos, self._length = end, remaining - (end - pos)
-            return buf if pos == 0 and end == len(buf) else buf[pos:end]  # a whole chunk: no copy
+            return buf if pos == 0 and end == len(buf) else memoryview(buf)[pos:end]
         delim = b"\r" + self._delim if self._crlf else self._delim
         while self._left() < len(delim) and await self._fill():
             pass
@@ -993,8 +996,8 @@ class DicomwebBackend:
 
     async def _instance(self, reader: MultipartReader, headers: dict[str, str],
                         waiting: dict[str, list[InstanceRef]], path: str) -> list[RetrievedInstance]:
-        pieces: list[bytes] = []
-        head = b""
+        pieces: list[bytes | memoryview] = []
+        head: bytes | memoryview = b""
         meta: dict[int, str] | None = None
         while meta is None:
             piece = await reader.read()
@@ -1024,7 +1027,7 @@ class DicomwebBackend:
             return [RetrievedInstance(ref=refs[0], TransferSyntaxUID=ts, SOPClassUID=sop_class,
                                       chunks=_part_chunks(reader, index, head, path), size=size)]
         # the same instance asked twice: buffer it once (rare) so each ref gets its own iterator
-        data = [head]
+        data: list[bytes | memoryview] = [head]
         while (piece := await reader.read()) is not None:
             data.append(piece)
         blob = b"".join(data)
@@ -1114,7 +1117,8 @@ async def _from_bytes(blob: bytes) -> AsyncIterator[bytes]:
         yield bytes(view[start:start + CHUNK_SIZE])
 
 
-async def _part_chunks(reader: MultipartReader, index: int, first: bytes, path: str) -> AsyncIterator[bytes]:
+async def _part_chunks(reader: MultipartReader, index: int, first: bytes | memoryview, path: str,
+                       ) -> AsyncIterator[bytes | memoryview]:
     """One instance's bytes, as they come (no re-chunking: each piece is a network read or a slice of one)."""
     if first:
         yield first

@@ -120,7 +120,7 @@ class ImagingService:
 
     # -- retrieval -------------------------------------------------------------------------------------
     async def _instances(self, plan: _Plan, accepted: tuple[str, ...],
-                         ) -> AsyncIterator[tuple[int, bytes | AsyncIterator[bytes]]]:
+                         ) -> AsyncIterator[tuple[int, bytes | AsyncIterator[bytes | memoryview]]]:
         """Successful instances as (request index, data); failures are written into ``plan.outcomes``."""
         for source_id, items in plan.fetch.items():
             backend = self.community.backend_for(source_id)
@@ -130,7 +130,8 @@ class ImagingService:
                 yield index, data
 
     async def _from_backend(self, backend: PacsBackend, plan: _Plan, by_uid: dict[str, tuple[int, InstanceRef]],
-                            accepted: tuple[str, ...]) -> AsyncIterator[tuple[int, bytes | AsyncIterator[bytes]]]:
+                            accepted: tuple[str, ...],
+                            ) -> AsyncIterator[tuple[int, bytes | AsyncIterator[bytes | memoryview]]]:
         pending = dict(by_uid)
         try:
             async for item in backend.retrieve([ref for _, ref in by_uid.values()]):
@@ -155,7 +156,7 @@ class ImagingService:
             plan.outcomes[index] = iti39.repository_error(plan.requests[index][2], reason)
 
     async def _encode(self, item: RetrievedInstance, accepted: tuple[str, ...], doc: DocumentRequest,
-                      plan: _Plan, index: int) -> bytes | AsyncIterator[bytes] | None:
+                      plan: _Plan, index: int) -> bytes | AsyncIterator[bytes | memoryview] | None:
         decision = transcode.choose_syntax(item.TransferSyntaxUID, accepted)
         if decision.return_as_is:
             return _guarded(item.chunks, plan, index, doc)
@@ -221,8 +222,8 @@ class ImagingService:
         return element, from_spool(), None
 
 
-async def _guarded(chunks: AsyncIterator[bytes], plan: _Plan, index: int, doc: DocumentRequest,
-                   ) -> AsyncIterator[bytes]:
+async def _guarded(chunks: AsyncIterator[bytes | memoryview], plan: _Plan, index: int, doc: DocumentRequest,
+                   ) -> AsyncIterator[bytes | memoryview]:
     """Pass chunks through; a PACS failure mid-instance ends the part and marks the instance failed.
 
     The partial bytes cannot be recalled, but the root (sent after them, or built after the spool)
@@ -236,7 +237,7 @@ async def _guarded(chunks: AsyncIterator[bytes], plan: _Plan, index: int, doc: D
         plan.outcomes[index] = iti39.repository_error(doc, f"the imaging archive failed while sending it: {exc}")
 
 
-async def _drain(chunks: AsyncIterator[bytes]) -> None:
+async def _drain(chunks: AsyncIterator[bytes | memoryview]) -> None:
     async for _ in chunks:
         pass
 
@@ -253,20 +254,20 @@ class _Spool:
     def __init__(self, directory: Path | None) -> None:
         self._file = tempfile.TemporaryFile(prefix="xig-rad75-", dir=directory, buffering=0)
         self.size = 0
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         self._block = b""
         self._block_start = 0
         self._next = -1  # where the previous read ended
 
-    async def append(self, data: bytes | AsyncIterator[bytes]) -> None:
+    async def append(self, data: bytes | AsyncIterator[bytes | memoryview]) -> None:
         if isinstance(data, bytes):
             await self._add(data)
             return
         async for chunk in data:
             await self._add(chunk)
 
-    async def _add(self, chunk: bytes) -> None:
+    async def _add(self, chunk: bytes | memoryview) -> None:
         self._pending.append(chunk)
         self._pending_size += len(chunk)
         self.size += len(chunk)
@@ -278,7 +279,7 @@ class _Spool:
         if batch:
             await anyio.to_thread.run_sync(self._write_all, batch)
 
-    def _write_all(self, batch: list[bytes]) -> None:
+    def _write_all(self, batch: list[bytes | memoryview]) -> None:
         for chunk in batch:
             view = memoryview(chunk)
             while view:

@@ -204,7 +204,7 @@ class Part:
 
     content_id: str
     content_type: str
-    body: bytes | AsyncIterable[bytes]
+    body: bytes | AsyncIterable[bytes | memoryview]
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -248,7 +248,8 @@ async def _aclose(obj: object) -> None:
         await aclose()
 
 
-async def encode_mtom(parts: AsyncIterable[Part] | Iterable[Part], boundary: str) -> AsyncIterator[bytes]:
+async def encode_mtom(parts: AsyncIterable[Part] | Iterable[Part], boundary: str,
+                      ) -> AsyncIterator[bytes | memoryview]:
     """Yield the ``multipart/related`` body of ``parts`` incrementally (memory: one chunk).
 
     Each part is framed as ``--boundary CRLF headers CRLF CRLF body`` and the message is closed by

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -129,6 +130,27 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _BodyPassthrough(h11.Connection):
+    """h11's server connection, except that a body chunk goes to the transport as its pieces.
+
+    uvicorn writes ``conn.send(h11.Data(...))``; h11's ``send`` joins the chunk-size line, the data and the
+    CRLF of a chunked body into one new ``bytes`` — a copy of every byte of a streamed RAD-75 response.
+    Here the pieces (the data object itself among them: ``bytes`` or a ``memoryview`` of a PACS read) go to
+    the transport with ``writelines``, and ``send`` returns ``b""``, which uvicorn's ``transport.write``
+    skips. Everything else is h11's own.
+    """
+
+    transport: asyncio.Transport | None = None
+
+    def send(self, event: h11.Event) -> bytes | None:  # type: ignore[override]
+        if type(event) is h11.Data and self.transport is not None:
+            pieces = self.send_with_data_passthrough(event)
+            if pieces:
+                self.transport.writelines(pieces)
+            return b""
+        return super().send(event)
+
+
 class _TlsH11(H11Protocol):
     """uvicorn's h11 protocol on a connection whose TLS handshake we run ourselves (see the module docstring)."""
 
@@ -192,6 +214,10 @@ class _TlsH11(H11Protocol):
 
     def _connected(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
+        limit = self.config.h11_max_incomplete_event_size  # as uvicorn made its own (None: h11's default)
+        conn = _BodyPassthrough(h11.SERVER) if limit is None else _BodyPassthrough(h11.SERVER, limit)
+        conn.transport = transport
+        self.conn = conn  # nothing was received yet: h11's state is the initial one
         # large MTOM responses: let the producer run ahead of drain() by a few MiB, not 64 KiB
         transport.set_write_buffer_limits(high=4 * 1024 * 1024)
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
