@@ -237,6 +237,7 @@ def test_response_times_average_per_transaction_and_community(engines: list[Engi
     assert expected.keys() == {a, b} and expected[a] == pytest.approx(2.0 + WEIGHT * (1.0 - 2.0))
     assert again.expected("ITI-38", [a, b]) == {a: 9.0}  # per transaction
     rows = {(r[0], r[1]): r[2:5] for r in again.all()}
+    assert all(r[5].tzinfo is not None and abs(r[5] - dt.datetime.now(dt.UTC)) < HOUR for r in again.all())
     assert rows[("ITI-55", a)] == (pytest.approx(2.0 + WEIGHT * (1.0 - 2.0)), 1.0, 2)  # average, last, samples
     assert rows[("ITI-55", b)] == (0.25, 0.25, 1) and rows[("ITI-38", a)] == (9.0, 9.0, 1)
 

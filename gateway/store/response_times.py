@@ -59,9 +59,12 @@ class SqlResponseTimes:
     def all(self) -> list[tuple[str, str, float, float, int, dt.datetime]]:
         """Every row: (transaction, homeCommunityId, average, last, samples, updated_at), for ``xig partners ls``."""
         with self.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(select(
+            rows = conn.execute(select(
                 table.c.transaction, table.c.home_community_id, table.c.average_seconds, table.c.last_seconds,
-                table.c.samples, table.c.updated_at).order_by(table.c.transaction, table.c.home_community_id))]
+                table.c.samples, table.c.updated_at).order_by(table.c.transaction, table.c.home_community_id))
+            # SQLite gives back naive datetimes: they were written in UTC
+            return [(tr, hcid, float(avg), float(last), int(n), at if at.tzinfo else at.replace(tzinfo=dt.UTC))
+                    for tr, hcid, avg, last, n, at in rows]
 
 
 __all__ = ["WEIGHT", "SqlResponseTimes"]
