@@ -251,6 +251,14 @@ def test_start_order_unknown_first_then_slowest_first() -> None:
     assert start_order(keys, {}) == ([0, 1, 2, 3, 4, 5], [])
 
 
+def recording_factory(started: list[str]) -> Any:
+    """A client factory that notes each partner's name as its task starts (each task makes its client first)."""
+    def factory(cfg: Config, partner: Partner, soap: Any) -> PartnerClient:
+        started.append(partner.name)
+        return PartnerClient(cfg, partner, soap)
+    return factory
+
+
 async def test_the_usually_slowest_partners_are_asked_first_and_their_times_recorded(
         network: Network, tmp_path: Path) -> None:
     engine = open_database(f"sqlite:///{tmp_path}/times.db", tmp_path)
@@ -258,11 +266,7 @@ async def test_the_usually_slowest_partners_are_asked_first_and_their_times_reco
     hcid = {p.name: ebrim.normalize_hcid(p.home_community_id) for p in network.directory}
     times.record("ITI-55", {hcid["B"]: 2.0, hcid["A"]: 0.5, hcid["closed"]: 9.0, hcid["untrusted"]: 1.0})
     started: list[str] = []
-
-    def factory(cfg: Config, partner: Partner, soap: Any) -> PartnerClient:
-        started.append(partner.name)  # each partner's task makes its client first
-        return PartnerClient(cfg, partner, soap)
-
+    factory = recording_factory(started)
     chosen = ["A", "B", "C", "slow-1", "untrusted", "closed"]
     try:
         res = await discover_all(network.ig, network.directory, DEMOGRAPHICS, partners=chosen,
@@ -293,11 +297,7 @@ async def test_response_times_that_cannot_be_read_or_written_change_only_the_ord
     """A database without the table (not migrated): the fan-out runs in the asked order, with warnings."""
     engine = make_engine(f"sqlite:///{tmp_path}/empty.db")
     started: list[str] = []
-
-    def factory(cfg: Config, partner: Partner, soap: Any) -> PartnerClient:
-        started.append(partner.name)
-        return PartnerClient(cfg, partner, soap)
-
+    factory = recording_factory(started)
     try:
         with caplog.at_level("WARNING", logger="xig.initiating"):
             res = await discover_all(network.ig, network.directory, DEMOGRAPHICS, partners=["B", "A"],
