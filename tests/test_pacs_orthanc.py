@@ -33,7 +33,7 @@ from gateway.pacs.base import (
     RetrievedInstance,
     RetrieveFailure,
 )
-from gateway.pacs.dicomweb import DicomwebBackend
+from gateway.pacs.dicomweb import DicomwebBackend, MultipartReader
 from gateway.pacs.dimse import DimseBackend, _ReactorCheckpoint
 from tests.conftest import logging_to
 from tests.orthanc import OrthancServer
@@ -192,6 +192,24 @@ async def test_retrieve_is_byte_identical(backend: PacsBackend, seeded: Seed) ->
             assert data == src.path.read_bytes()  # WADO-RS with transfer-syntax=* returns the file as stored
         # the data set after the File Meta is exactly what was stored (DIMSE: pynetdicom writes its own meta)
         assert dataset_bytes(data) == dataset_bytes(src.path.read_bytes())
+
+
+async def test_orthanc_wado_parts_are_read_by_their_content_length(orthanc: OrthancServer, seeded: Seed,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orthanc's WADO-RS parts carry a Content-Length: the reader takes the counted path (no delimiter search
+    through the instances), and the bytes are the stored files."""
+    counted: list[int] = []
+    read_counted = MultipartReader._read_counted
+
+    async def spy(self: MultipartReader, remaining: int) -> bytes | memoryview | None:
+        counted.append(remaining)
+        return await read_counted(self, remaining)
+
+    monkeypatch.setattr(MultipartReader, "_read_counted", spy)
+    sources = {i.SOPInstanceUID: i for i in seeded.a.instances}
+    got, failed = await collect(make_backend("dicomweb", orthanc), refs_of(seeded.a))
+    assert failed == {} and got == {sop: i.path.read_bytes() for sop, i in sources.items()}
+    assert set(counted) >= {i.path.stat().st_size for i in sources.values()}  # each part's whole length
 
 
 @pytest.mark.parametrize("verbose", [False, True])

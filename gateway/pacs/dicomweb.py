@@ -324,8 +324,9 @@ class MultipartReader:
     async def _read_counted(self, remaining: int) -> bytes | memoryview | None:
         """The next piece of a body read by its Content-Length; at its end, check the delimiter and return None.
 
-        A piece is an input chunk itself or a ``memoryview`` of part of one — never a copy (the pieces go on
-        to the partner's TLS stream, which takes any buffer)."""
+        A piece is the reader's buffer itself (an input chunk, or one joined to the few bytes before it at a
+        part boundary) or a ``memoryview`` of part of it — never a copy of its own (the pieces go on to the
+        partner's TLS stream, which takes any buffer)."""
         if remaining:
             while self._left() == 0:
                 if not await self._fill():
