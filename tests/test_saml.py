@@ -540,12 +540,26 @@ def test_wrapping_evil_copy_without_signature(pki: SamlPki) -> None:
     rejected(reparse(envelope).find(f".//{S('Assertion')}"), pki.policy(), WSSE_INVALID_SECURITY_TOKEN)
 
 
-@pytest.mark.parametrize("attribute", ["ID", "Id", f"{{{ns.WSU}}}Id"])
-def test_wrapping_duplicate_id_elsewhere(pki: SamlPki, attribute: str) -> None:
+@pytest.mark.parametrize("attribute", ["ID", "Id", f"{{{ns.WSU}}}Id", "{http://www.w3.org/XML/1998/namespace}id"])
+@pytest.mark.parametrize("padding", ["", " \n"])
+def test_wrapping_duplicate_id_elsewhere(pki: SamlPki, attribute: str, padding: str) -> None:
     signed = build(pki)
     envelope = _envelope(signed)
-    etree.SubElement(envelope.find(f"{{{ns.SOAP12}}}Body")[0], "{urn:example}Decoy").set(attribute, signed.get("ID"))
-    rejected(reparse(envelope).find(f".//{S('Assertion')}"), pki.policy(), WSSE_FAILED_CHECK)
+    decoy = etree.SubElement(envelope.find(f"{{{ns.SOAP12}}}Body")[0], "{urn:example}Decoy")
+    decoy.set(attribute, padding + signed.get("ID") + padding)
+    error = rejected(reparse(envelope).find(f".//{S('Assertion')}"), pki.policy(), WSSE_FAILED_CHECK)
+    assert "occurs 2 times" in error.reason
+
+
+def test_the_id_inside_other_values_or_other_attributes_is_no_duplicate(pki: SamlPki) -> None:
+    """Only ID attributes equal to the assertion's ID count — not a longer ID containing it, not another attribute."""
+    signed = build(pki)
+    envelope = _envelope(signed)
+    body = envelope.find(f"{{{ns.SOAP12}}}Body")[0]
+    etree.SubElement(body, "{urn:example}Longer").set("ID", signed.get("ID") + "-2")
+    etree.SubElement(body, "{urn:example}Other").set("ref", signed.get("ID"))
+    identity = verify_assertion(reparse(envelope).find(f".//{S('Assertion')}"), pki.policy())
+    assert identity.assertion_id == signed.get("ID")
 
 
 def test_wrapping_reference_to_another_element(pki: SamlPki) -> None:

@@ -49,6 +49,19 @@ def test_depth_limit() -> None:
     assert xml.parse(b"<a>" * 100 + b"</a>" * 100, max_depth=128).tag == "a"
 
 
+@pytest.mark.parametrize("depth", [127, 128, 129])
+def test_depth_limit_is_exact_and_holds_for_any_branch(depth: int) -> None:
+    """``depth`` levels in the last branch of a wide document (text, comments and siblings around it)."""
+    deep = b"<b>x<!-- c -->" * (depth - 2) + b"<c/>" + b"</b>" * (depth - 2)
+    doc = b"<a>" + b"<s><t/></s>" * 50 + deep + b"</a>"
+    if depth <= 128:
+        assert xml.parse(doc, max_depth=128).tag == "a"
+    else:
+        with pytest.raises(SoapFault) as exc:
+            xml.parse(doc, max_depth=128)
+        assert "deeper than 128" in exc.value.reason
+
+
 def test_size_limit_is_413() -> None:
     with pytest.raises(SoapFault) as exc:
         xml.parse(b"<a>" + b"x" * 2000 + b"</a>", max_bytes=1000)

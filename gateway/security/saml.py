@@ -847,12 +847,17 @@ def _enveloped_signature(assertion: etree._Element) -> etree._Element:
     return signatures[0]
 
 
+_ID_ATTRIBUTES = frozenset({"ID", "Id", ns.q(ns.WSU, "Id"), "{http://www.w3.org/XML/1998/namespace}id"})
+_ATTRIBUTES_CONTAINING = etree.XPath("//@*[contains(., $v)]")
+
+
 def _check_id_unique(assertion: etree._Element, assertion_id: str) -> None:
     """The referenced ID must identify this element alone in the whole document (anti-wrapping)."""
-    id_names = ("ID", "Id", ns.q(ns.WSU, "Id"), "{http://www.w3.org/XML/1998/namespace}id")
     root = assertion.getroottree().getroot()
-    count = sum(1 for el in root.iter() if isinstance(el.tag, str)
-                for name in id_names if (el.get(name) or "").strip() == assertion_id)
+    # libxml2 finds the attributes that contain the ID at all (a Python walk over every element cost ~7 ms
+    # per 400-instance RAD-75 request); which of them are ID attributes equal to it is decided here
+    count = sum(1 for value in _ATTRIBUTES_CONTAINING(root, v=assertion_id)
+                if value.attrname in _ID_ATTRIBUTES and value.strip() == assertion_id)
     if count != 1:
         raise _fail(WSSE_FAILED_CHECK, f"the assertion ID {assertion_id!r} occurs {count} times in the message; "
                                        "the signed element must be identified unambiguously")

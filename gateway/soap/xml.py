@@ -7,6 +7,8 @@ A violation is a ``Sender`` fault naming the problem, never a hang or a stack tr
 
 from __future__ import annotations
 
+import functools
+
 from lxml import etree
 
 from gateway.errors import XIG_FORBIDDEN_XML, XIG_MALFORMED, XIG_TOO_LARGE, sender_fault
@@ -61,13 +63,16 @@ def _first_element_start(data: bytes) -> int:
             return -1
 
 
+@functools.lru_cache(maxsize=8)
+def _deeper_than(limit: int) -> etree.XPath:
+    """Whether an element lies more than ``limit`` levels deep (the root is level 1): ``limit`` child steps
+    from the root. Evaluated by libxml2 — walking the tree in Python cost ~5 ms per 400-instance RAD-75 request."""
+    return etree.XPath("boolean(" + "/".join(["*"] * limit) + ")")
+
+
 def _check_depth(root: etree._Element, limit: int) -> None:
-    stack: list[tuple[etree._Element, int]] = [(root, 1)]
-    while stack:
-        el, depth = stack.pop()
-        if depth > limit:
-            raise sender_fault(XIG_FORBIDDEN_XML, f"XML nesting deeper than {limit} levels")
-        stack.extend((child, depth + 1) for child in el)
+    if limit < 1 or _deeper_than(limit)(root):
+        raise sender_fault(XIG_FORBIDDEN_XML, f"XML nesting deeper than {limit} levels")
 
 
 def parse(data: bytes, *, max_bytes: int = MAX_DOCUMENT_BYTES, max_depth: int = MAX_DEPTH) -> etree._Element:
