@@ -745,6 +745,218 @@ def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -
                   "/ Orthanc WADO-RS", best, reference, "MB/s"), runs
 
 
+# -------------------------------------------------------------------------------------------------
+# The bare forwarder: what any asyncio gateway in front of this Orthanc could reach, measured
+# -------------------------------------------------------------------------------------------------
+
+#: the forwarder stops reading from the PACS while this much is waiting to be sent (the gateway's limit too)
+FORWARD_HIGH_WATER = 4 * MB
+
+
+def _forwarder(certs_dir: str, upstream: str, accept: str) -> None:
+    """A bare asyncio forwarder (its own process, like the gateway): every HTTP request over mutual TLS is
+    answered with the body of one plain-HTTP GET of ``upstream`` (``Accept: accept``), passed on as it arrives.
+
+    Prints its port on stdout, then serves until it is stopped.
+
+    What a gateway in front of a DICOMweb PACS cannot do without: read the PACS's answer (one buffer per read,
+    handed on without a copy) and send it through one TLS stream (the gateway's TLS context, event loop and
+    write-buffer limit), with flow control. Nothing else — no SOAP, no security header, no multipart parsing,
+    no DICOM, no MTOM, no HTTP stack — so XIG's RAD-75 divided by this is the share of the possible that XIG
+    reaches. An upstream answer that is not ``close``-framed (what Orthanc sends for WADO-RS) is not forwarded:
+    the client gets a truncated answer and fails.
+    """
+    certs = CertSet(Path(certs_dir))
+    ctx = server_context(certs.gateway_cert, certs.gateway_key, certs.ca_cert)
+    up = urlsplit(upstream)
+    assert up.hostname is not None and up.port is not None
+    get = (f"GET {up.path} HTTP/1.1\r\nHost: {up.netloc}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+           ).encode("latin-1")
+
+    class Upstream(asyncio.BufferedProtocol):
+        def __init__(self, down: asyncio.WriteTransport) -> None:
+            self.down = down
+            self.buf = memoryview(b"")
+            self.head = b""  # the upstream answer's head, until it is complete
+            self.transport: asyncio.Transport | None = None
+            self.paused = False
+            self.finished = False
+            self.failed = False
+            self.signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def _notify(self) -> None:
+            if not self.signal.done():
+                self.signal.set_result(None)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+            self.transport.write(get)  # type: ignore[union-attr]
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            self.buf = memoryview(bytearray(MB))  # a new one per read: what was read is passed on, not copied
+            return self.buf
+
+        def buffer_updated(self, nbytes: int) -> None:
+            data = self.buf[:nbytes]
+            if self.head is not None:
+                self.head += bytes(data)
+                end = self.head.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head, rest = self.head[:end].lower(), self.head[end + 4:]
+                self.head = None  # type: ignore[assignment]
+                if not head.startswith(b"http/1.1 200") or b"content-length" in head or b"chunked" in head:
+                    self.failed = True
+                    assert self.transport is not None
+                    self.transport.close()
+                    return
+                data = memoryview(rest)
+            if len(data):
+                self.down.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
+                if self.down.get_write_buffer_size() > FORWARD_HIGH_WATER and not self.paused:
+                    self.paused = True
+                    assert self.transport is not None
+                    self.transport.pause_reading()
+                    self._notify()
+
+        def eof_received(self) -> bool:
+            return False
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.finished, self.failed = True, self.failed or exc is not None
+            self._notify()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.set_write_buffer_limits(high=FORWARD_HIGH_WATER)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length, close = 0, False
+                for line in head.decode("latin-1").split("\r\n"):
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                    elif name.strip().lower() == "connection":
+                        close = value.strip().lower() == "close"
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                transport, upstream_ = await loop.create_connection(
+                    lambda: Upstream(writer.transport), up.hostname, up.port)  # type: ignore[arg-type]
+                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while True:
+                    await upstream_.signal
+                    upstream_.signal = loop.create_future()
+                    if upstream_.finished:
+                        break
+                    await writer.drain()
+                    upstream_.paused = False
+                    transport.resume_reading()
+                if upstream_.failed:
+                    break  # no last chunk: the client sees a truncated answer
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    event_loop.run(main(), "uvloop")  # the gateway's default event loop
+
+
+class Forwarder:
+    """:func:`_forwarder` as a process; ``with Forwarder(...) as f: f.url``."""
+
+    def __init__(self, certs: CertSet, upstream: str, accept: str = WADO_ACCEPT) -> None:
+        self.args = [str(certs.directory), upstream, accept]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def __enter__(self) -> Forwarder:
+        code = "import sys; from bench.rad75 import _forwarder; _forwarder(*sys.argv[1:4])"
+        self.process = subprocess.Popen([sys.executable, "-c", code, *self.args],
+                                        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE)
+        atexit.register(self.stop)
+        assert self.process.stdout is not None
+        port = self.process.stdout.readline().strip()  # its first line, or "" when it died
+        if not port.isdigit():
+            self.stop()
+            raise RuntimeError("the bare forwarder did not start")
+        self.url = f"https://127.0.0.1:{int(port)}/forward"
+        return self
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None:
+            stop_process(proc)
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def forward_once(forwarder: Forwarder, ctx: ssl.SSLContext, work: Path, expected: int) -> float:
+    """One request through the forwarder, received like RAD-75's answer: MB/s (the body checked after the clock)."""
+    out = _fresh(work)
+    try:
+        url = forwarder.url
+        got = receive(url, http_request("POST", url, {}, b"x"), out / "answer", ctx)
+        status, _, chunks = read_answer(out / "answer")
+        size = sum(len(c) for c in chunks)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if status != 200 or size < expected:
+        raise RuntimeError(f"the bare forwarder answered HTTP {status} with {size} bytes, expected {expected}+")
+    return size / MB / got.seconds
+
+
+#: rounds of :func:`in_turns` (each: the reference, the forwarder and XIG once)
+ROUNDS = 7
+
+
+def in_turns(orthanc: OrthancServer, certs: CertSet, work: Path, spec: StudySpec) -> list[Result]:
+    """Orthanc's WADO-RS, the bare forwarder (:func:`_forwarder`) and XIG's RAD-75 (DICOMweb backend, root last)
+    of the same study, taken in turns, :data:`ROUNDS` rounds: medians of each, so all three are measured at the
+    same moments of this machine (a VM whose speed changes within seconds; the best-of-3 rows above are taken
+    a minute apart)."""
+    url = f"{orthanc.dicomweb_url}/studies/{spec.study_uid}"
+    assert orthanc.process is not None
+    expected = int(0.99 * spec.instances * spec.rows * spec.cols * spec.bits // 8)
+    ctx = client_context(certs.partner_cert, certs.partner_key, certs.ca_cert)
+    with GatewayProcess(work / "gw-turns", certs, pacs_section("dicomweb", orthanc), "last") as gw, \
+            Forwarder(certs, url) as fwd:
+        partner = Partner(gw, certs)
+        items = asyncio.run(partner.authorise(spec))
+        _rad75_once(partner, items, work)  # warm-up of each
+        forward_once(fwd, ctx, work, expected)
+        rows: list[tuple[float, float, float]] = []
+        with Contention() as other:
+            for _ in range(ROUNDS):
+                rows.append((_wado_once(url, spec, work, orthanc.process.pid).rate,
+                             forward_once(fwd, ctx, work, expected), _rad75_once(partner, items, work)))
+    ref, bare, xig = (statistics.median(r[i] for r in rows) for i in range(3))
+    per_round = statistics.median(x / b for _, b, x in rows)
+    _say(f"in turns ({ROUNDS} rounds, medians): Orthanc {ref:.0f} MB/s, the bare forwarder {bare:.0f} "
+         f"(ratio {bare / ref:.2f}; per round {' '.join(f'{b / r:.2f}' for r, b, _ in rows)}), XIG RAD-75 {xig:.0f} "
+         f"(ratio {xig / ref:.2f}; per round {' '.join(f'{x / r:.2f}' for r, _, x in rows)}); XIG / forwarder "
+         f"per round median {per_round:.2f} ({other})")
+    name = f"RAD-75 {spec.instances} CT ({spec.mb:.0f} MB), DICOMweb, root last"
+    return [Result(f"{name} / Orthanc WADO-RS, taken in turns (medians of {ROUNDS})", xig, ref, "MB/s"),
+            Result("Bare forwarder (Orthanc → one TLS stream, nothing parsed) / Orthanc WADO-RS, in turns",
+                   bare, ref, "MB/s"),
+            Result(f"{name} / the bare forwarder, in turns", xig, bare, "MB/s")]
+
+
 def machine_bound(spec: StudySpec, reader: list[Transfer], ceiling: list[Transfer], reference: float) -> Result:
     """The most RAD-75 throughput *any* gateway could reach on this machine — a CPU budget, not XIG's figure.
 
@@ -819,6 +1031,7 @@ def run() -> list[Result]:
                 assert streamed is not None
                 results.append(Result(f"{streamed.name.split(' / ')[0]} / the ceiling above", streamed.value,
                                       ceiling.value, "MB/s"))
+                results.extend(in_turns(orthanc, certs, work, SMALL))
                 if large:
                     for kind, root in (("dicomweb", "first"), ("dicomweb", "last")):
                         results.append(peak_rss(orthanc, certs, work, kind, root, LARGE))

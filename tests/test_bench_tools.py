@@ -10,13 +10,16 @@ fan-out figure would be measured against partners that accept anything.
 from __future__ import annotations
 
 import json
+import os
+import socketserver
+import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
 from bench.initiating import DEMOGRAPHICS, STATION_HCID, PartnerFarm, gateway_toml, partner_hcid, partner_toml
-from bench.rad75 import http_request, read_answer, receive
+from bench.rad75 import Forwarder, http_request, read_answer, receive
 from gateway.config import Config, load_config
 from gateway.errors import WSSE_INVALID_SECURITY
 from gateway.ihe import iti55
@@ -87,3 +90,53 @@ def test_thin_partners_do_mutual_tls_and_check_each_first_request(pki: CertSet, 
                     await bare.call(three.xcpd_url, body, XCPD.request_action)
 
         anyio.run(exchanges)
+
+
+class _Upstream(socketserver.ThreadingTCPServer):
+    """A plain-HTTP server answering every GET with ``head`` + ``body``, then closing (Orthanc's WADO-RS framing)."""
+
+    daemon_threads = True
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.answer = head + body
+        self.requests: list[bytes] = []
+        super().__init__(("127.0.0.1", 0), _UpstreamHandler)
+
+
+class _UpstreamHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        server: _Upstream = self.server  # type: ignore[assignment]
+        request = b""
+        while not request.endswith(b"\r\n\r\n") and (line := self.rfile.readline()):
+            request += line
+        server.requests.append(request)
+        self.wfile.write(server.answer)
+
+
+@pytest.mark.parametrize("framing", ["close", "content-length"])
+def test_the_bare_forwarder_passes_the_upstream_body_on_unchanged(pki: CertSet, tmp_path: Path, framing: str) -> None:
+    """The forwarder's figure counts only bytes it really carried: exactly the upstream's body, over mutual TLS;
+    an upstream answer it cannot frame (here: with a Content-Length) ends the client's answer early instead."""
+    body = os.urandom(3 * 1024 * 1024 + 17)
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: multipart/related; boundary=x\r\n"
+            + (b"Content-Length: %d\r\n" % len(body) if framing == "content-length" else b"") + b"\r\n")
+    upstream = _Upstream(head, body)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{upstream.server_address[1]}/dicom-web/studies/1.2.3"
+        ctx = client_context(pki.partner_cert, pki.partner_key, pki.ca_cert)
+        with Forwarder(pki, url, accept="multipart/related") as fwd:
+            for _ in range(2):  # and again: one upstream request per request
+                receive(fwd.url, http_request("POST", fwd.url, {}, b"x"), tmp_path / "answer", ctx)
+                status, _, chunks = read_answer(tmp_path / "answer")
+                if framing == "close":
+                    assert status == 200 and b"".join(chunks) == body
+                else:
+                    with pytest.raises(RuntimeError, match="ended early"):
+                        b"".join(chunks)
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+    assert len(upstream.requests) == 2
+    assert upstream.requests[0].startswith(b"GET /dicom-web/studies/1.2.3 HTTP/1.1\r\n")
+    assert b"\r\nAccept: multipart/related\r\n" in upstream.requests[0]
