@@ -165,6 +165,17 @@ def test_new_ids_are_unique_and_need_no_escaping() -> None:
     assert len(boundaries) == 100 and all(len(b) <= 70 and b.isascii() for b in boundaries)
 
 
+def test_a_content_id_family_is_unique_within_and_across_messages_and_needs_no_escaping() -> None:
+    from urllib.parse import quote
+    first, second = mtom.content_id_family("i/<x>"), mtom.content_id_family("i/<x>")
+    ids = [first(n) for n in range(1000)] + [second(n) for n in range(1000)]
+    assert len(set(ids)) == 2000
+    for cid in ids[::97]:
+        assert cid.startswith("i--x-") and cid.endswith("@xig") and quote(cid, safe="@.-_") == cid
+        assert mtom.normalize_content_id(f"<{cid}>") == mtom.normalize_content_id(f"cid:{cid}") == cid
+    assert first(7) == first(7)  # the same part number, the same id
+
+
 # ------------------------------------------------------------------------------------------------
 # real partner messages
 # ------------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from lxml import etree
 
 from gateway.errors import XIG_FORBIDDEN_XML, XIG_MALFORMED, XIG_TOO_LARGE, SoapFault
-from gateway.soap import xml
+from gateway.soap import ns, xml
 
 BILLION_LAUGHS = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [
@@ -79,3 +80,8 @@ def test_malformed(doc: bytes) -> None:
 def test_processing_instruction_and_comment_prolog_ok() -> None:
     root = xml.parse(b'<?xml version="1.0" encoding="UTF-8"?>\n<!-- c --><?pi x?><r a="1"/>')
     assert root.get("a") == "1"
+
+
+def test_local_names() -> None:
+    root = etree.fromstring(b'<a:x xmlns:a="urn:a"><y/><!-- c --><?p i?><a:z/></a:x>')
+    assert [ns.local(el) for el in root.iter()] == ["x", "y", "", "", "z"]

@@ -20,6 +20,7 @@ from gateway.audit import events
 from gateway.audit.model import MAJOR_FAILURE, MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditMessage, Outcome
 from gateway.ihe import ebrim, iti38, iti39, iti55, rad75
 from gateway.ihe.iti39 import DocumentRequest
+from gateway.soap import ns
 
 _SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
 _PARTIAL = "urn:ihe:iti:2007:ResponseStatusType:PartialSuccess"
@@ -40,7 +41,7 @@ def _bytes(el: etree._Element) -> bytes:
 
 def _find(el: etree._Element, local: str) -> etree._Element | None:
     for child in el.iter():
-        if isinstance(child.tag, str) and etree.QName(child).localname == local:
+        if ns.local(child) == local:
             return child
     return None
 

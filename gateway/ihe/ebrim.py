@@ -590,13 +590,9 @@ def build_extrinsic_object(entry: DocumentEntry, *, home_community_id: str | Non
 # XML parsing
 # --------------------------------------------------------------------------------------------------
 
-def _local(el: etree._Element) -> str:
-    return etree.QName(el).localname if isinstance(el.tag, str) else ""
-
-
 def _children(el: etree._Element, local: str) -> list[etree._Element]:
     """Child elements by local name (rim namespace or none: peers differ in prefix handling, not in names)."""
-    return [c for c in el if isinstance(c.tag, str) and _local(c) == local]
+    return [c for c in el if isinstance(c.tag, str) and ns.local(c) == local]
 
 
 def slot_values(el: etree._Element) -> dict[str, list[str]]:

@@ -338,13 +338,9 @@ def encode_list(values: Sequence[str], *, max_length: int = 256) -> list[str]:
 # Parsing the request
 # --------------------------------------------------------------------------------------------------
 
-def _local(el: etree._Element) -> str:
-    return etree.QName(el).localname if isinstance(el.tag, str) else ""
-
-
 def _child(el: etree._Element, local: str) -> etree._Element | None:
     for c in el:
-        if _local(c) == local:
+        if ns.local(c) == local:
             return c
     return None
 
@@ -461,7 +457,7 @@ def parse_query(el: etree._Element) -> StoredQuery:
     different homeCommunityIds), XDSMissingHomeCommunityId (a query without patient id and without
     ``home``), XDSRegistryError (malformed structure or values; the message names the parameter).
     """
-    if _local(el) == "AdhocQuery":
+    if ns.local(el) == "AdhocQuery":
         request, query = None, el
     else:
         request, query = el, _child(el, "AdhocQuery")
@@ -487,13 +483,13 @@ def parse_query(el: etree._Element) -> StoredQuery:
 
     params: list[QueryParameter] = []
     for s in query:
-        if _local(s) != "Slot":
+        if ns.local(s) != "Slot":
             continue
         name = (s.get("name") or "").strip()
         values: list[str] = []
         for vl in s:
-            for v in vl if _local(vl) == "ValueList" else ():
-                if _local(v) != "Value":
+            for v in vl if ns.local(vl) == "ValueList" else ():
+                if ns.local(v) != "Value":
                     continue
                 try:
                     values.extend(decode_slot_value(v.text or ""))
@@ -664,7 +660,7 @@ def parse_response(el: etree._Element) -> QueryResult:
     if objects is None:
         return result
     for obj in objects:
-        kind = _local(obj)
+        kind = ns.local(obj)
         if kind == "ExtrinsicObject":
             try:
                 result.entries.append(ebrim.parse_extrinsic_object(obj))

@@ -149,15 +149,11 @@ def screen_requests(requests: Iterable[DocumentRequest], home_community_id: str,
 # Request
 # --------------------------------------------------------------------------------------------------
 
-def _local(el: etree._Element) -> str:
-    return etree.QName(el).localname if isinstance(el.tag, str) else ""
-
-
 def _texts(el: etree._Element) -> dict[str, str]:
     """Child element texts by lower-cased local name (first occurrence), trimmed."""
     out: dict[str, str] = {}
     for c in el:
-        name = _local(c).lower()
+        name = ns.local(c).lower()
         if name and name not in out:
             out[name] = (c.text or "").strip()
     return out
@@ -175,7 +171,7 @@ def parse_document_request(el: etree._Element) -> DocumentRequest:
 
 def parse_request(el: etree._Element) -> list[DocumentRequest]:
     """``RetrieveDocumentSetRequest`` → its DocumentRequests, in order (HomeCommunityId may be None)."""
-    requests = [parse_document_request(c) for c in el if _local(c) == "DocumentRequest"]
+    requests = [parse_document_request(c) for c in el if ns.local(c) == "DocumentRequest"]
     if not requests:
         raise sender_fault(XIG_MALFORMED, "RetrieveDocumentSetRequest without DocumentRequest")
     return requests
@@ -303,7 +299,7 @@ class RetrieveResult:
 
 def _registry_response(el: etree._Element) -> etree._Element | None:
     for c in el:
-        if _local(c) == "RegistryResponse":
+        if ns.local(c) == "RegistryResponse":
             return c
     return None
 
@@ -320,7 +316,7 @@ def parse_response(el: etree._Element, attachments: Mapping[str, Any] | None = N
                             errors=parse_registry_errors(rr) if rr is not None else [])
     by_cid = {mtom.normalize_content_id(k): v for k, v in (attachments or {}).items()}
     for dr in el:
-        if _local(dr) != "DocumentResponse":
+        if ns.local(dr) != "DocumentResponse":
             continue
         t = _texts(dr)
         repo, uid = t.get("repositoryuniqueid", ""), t.get("documentuniqueid", "")
@@ -335,7 +331,7 @@ def parse_response(el: etree._Element, attachments: Mapping[str, Any] | None = N
             new_repository_unique_id=t.get("newrepositoryuniqueid") or None,
             new_document_unique_id=t.get("newdocumentuniqueid") or None,
         )
-        document = next((c for c in dr if _local(c) == "Document"), None)
+        document = next((c for c in dr if ns.local(c) == "Document"), None)
         if document is None:
             result.problems.append(f"DocumentResponse {uid} without Document")
             continue

@@ -480,7 +480,7 @@ def _ii(el: etree._Element | None) -> II | None:
 
 
 def _local(el: etree._Element) -> str | None:
-    return etree.QName(el).localname if isinstance(el.tag, str) else None
+    return ns.local(el) or None
 
 
 def bare_oid(value: str) -> str:

@@ -130,10 +130,6 @@ def requests_by_repository(req: ImagingRetrieveRequest) -> dict[str, list[tuple[
 # Request
 # --------------------------------------------------------------------------------------------------
 
-def _local(el: etree._Element) -> str:
-    return etree.QName(el).localname if isinstance(el.tag, str) else ""
-
-
 def _malformed(reason: str) -> Exception:
     return sender_fault(XIG_MALFORMED, f"RetrieveImagingDocumentSetRequest: {reason}")
 
@@ -148,19 +144,19 @@ def parse_request(el: etree._Element) -> ImagingRetrieveRequest:
     studies: list[StudyRequest] = []
     syntaxes: list[str] = []
     for child in el:
-        kind = _local(child)
+        kind = ns.local(child)
         if kind == "StudyRequest":
             study_uid = (child.get("studyInstanceUID") or "").strip()
             if not study_uid:
                 raise _malformed("StudyRequest without studyInstanceUID")
             series_list: list[SeriesRequest] = []
             for s in child:
-                if _local(s) != "SeriesRequest":
+                if ns.local(s) != "SeriesRequest":
                     continue
                 series_uid = (s.get("seriesInstanceUID") or "").strip()
                 if not series_uid:
                     raise _malformed(f"SeriesRequest without seriesInstanceUID in study {study_uid}")
-                docs = tuple(parse_document_request(d) for d in s if _local(d) == "DocumentRequest")
+                docs = tuple(parse_document_request(d) for d in s if ns.local(d) == "DocumentRequest")
                 if not docs:
                     raise _malformed(f"SeriesRequest {series_uid} without DocumentRequest")
                 series_list.append(SeriesRequest(series_uid, docs))
@@ -168,7 +164,7 @@ def parse_request(el: etree._Element) -> ImagingRetrieveRequest:
                 raise _malformed(f"StudyRequest {study_uid} without SeriesRequest")
             studies.append(StudyRequest(study_uid, tuple(series_list)))
         elif kind == "TransferSyntaxUIDList":
-            syntaxes.extend(t for t in ((ts.text or "").strip() for ts in child if _local(ts) == "TransferSyntaxUID")
+            syntaxes.extend(t for t in ((ts.text or "").strip() for ts in child if ns.local(ts) == "TransferSyntaxUID")
                             if t)
     if not studies:
         raise _malformed("no StudyRequest")

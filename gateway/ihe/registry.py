@@ -187,10 +187,6 @@ def build_registry_response(errors: Iterable[RegistryError], *, home_community_i
     return rr
 
 
-def _local(el: etree._Element) -> str:
-    return etree.QName(el).localname if isinstance(el.tag, str) else ""
-
-
 def parse_registry_errors(el: etree._Element) -> list[RegistryError]:
     """Every RegistryError under ``el`` (a RegistryErrorList, RegistryResponse or a response holding one).
 
@@ -199,7 +195,7 @@ def parse_registry_errors(el: etree._Element) -> list[RegistryError]:
     """
     found: list[RegistryError] = []
     for e in el.iter():
-        if _local(e) != "RegistryError":
+        if ns.local(e) != "RegistryError":
             continue
         location = e.get("location")
         found.append(RegistryError(

@@ -346,10 +346,6 @@ def check_reply(reply: SoapReply, *, partner: str, transaction: str, url: str, e
                            f"{reply.message_id!r} (a reply to another message?)", url=url)
 
 
-def _local(el: etree._Element) -> str:
-    return etree.QName(el).localname if isinstance(el.tag, str) else ""
-
-
 def open_soap_client(config: Config, *, timeout: float = 60.0) -> SoapClient:
     """A :class:`SoapClient` presenting our client certificate and trusting ``config.client_trust``."""
     return SoapClient(client_context(config.client_certificate, config.client_private_key, config.client_trust),
@@ -525,7 +521,7 @@ class PartnerClient:
         home = ebrim.normalize_hcid(hcid or self.partner.home_community_id)
         params = iti38.find_documents_for_kos(patient_id, **changes)
         reply = await self._exchange(ITI38, iti38.build_query(params, home_community_id=home))
-        if _local(reply.body) != "AdhocQueryResponse" or etree.QName(reply.body).namespace != ns.QUERY:
+        if ns.local(reply.body) != "AdhocQueryResponse" or etree.QName(reply.body).namespace != ns.QUERY:
             raise self._error(ITI38, f"the answer is a {reply.body.tag}, not a query:AdhocQueryResponse",
                               url=self.partner.xca_query_url)
         result = iti38.parse_response(reply.body)
@@ -570,7 +566,7 @@ class PartnerClient:
         body = iti39.build_request([m.request for m in batch])
         reply = await self._exchange(ITI39, body, use_mtom=self.partner.mtom_requests,
                                      sink_factory=lambda _info: mtom.MemorySink(MAX_MANIFEST_BYTES))
-        if _local(reply.body) != "RetrieveDocumentSetResponse":
+        if ns.local(reply.body) != "RetrieveDocumentSetResponse":
             raise self._error(ITI39, f"the answer is a {reply.body.tag}, not a RetrieveDocumentSetResponse",
                               url=self.partner.xca_retrieve_url)
         try:
@@ -658,7 +654,7 @@ class PartnerClient:
         try:
             reply = await self._exchange(RAD75, rad75.build_request(request), use_mtom=self.partner.mtom_requests,
                                          sink_factory=tracker, deadline=False)
-            if _local(reply.body) != "RetrieveDocumentSetResponse":
+            if ns.local(reply.body) != "RetrieveDocumentSetResponse":
                 raise self._error(RAD75, f"the answer is a {reply.body.tag}, not a RetrieveDocumentSetResponse",
                                   url=url)
             try:

@@ -182,6 +182,7 @@ class ImagingService:
         accepted = request.transfer_syntaxes
         hcid = self.config.gateway.home_community_id
         cids: dict[int, str] = {}
+        content_id = mtom.content_id_family("i")
 
         def root() -> etree._Element:
             for index, cid in cids.items():
@@ -193,7 +194,7 @@ class ImagingService:
         if self.config.responder.rad75_root_part == "last":
             async def streamed() -> AsyncIterator[mtom.Part]:
                 async for index, data in self._instances(plan, accepted):
-                    cids[index] = mtom.normalize_content_id(mtom.new_content_id(f"i{index}"))
+                    cids[index] = content_id(index)
                     yield mtom.Part(cids[index], "application/dicom", data)
             return None, streamed(), root
 
@@ -206,7 +207,7 @@ class ImagingService:
                 if index in plan.outcomes:  # broke off while spooling: its bytes stay in the spool, unused
                     continue
                 spans[index] = (start, spool.size - start)
-                cids[index] = mtom.normalize_content_id(mtom.new_content_id(f"i{index}"))
+                cids[index] = content_id(index)
             await spool.flush()
         except BaseException:
             spool.close()

@@ -47,9 +47,10 @@ from gateway.soap import ns
 
 __all__ = [
     "ROOT_PART_CONTENT_TYPE", "AttachmentResult", "CallbackSink", "ContentType", "FileSink", "MemorySink",
-    "MtomDecoder", "MtomMessage", "Part", "PartInfo", "PartSink", "decode_mtom_bytes", "decode_mtom_stream",
-    "decode_soap_body", "encode_mtom", "encode_mtom_bytes", "find_xop_includes", "inline_attachments",
-    "mtom_content_type", "new_boundary", "new_content_id", "normalize_content_id", "parse_content_type",
+    "MtomDecoder", "MtomMessage", "Part", "PartInfo", "PartSink", "content_id_family", "decode_mtom_bytes",
+    "decode_mtom_stream", "decode_soap_body", "encode_mtom", "encode_mtom_bytes", "find_xop_includes",
+    "inline_attachments", "mtom_content_type", "new_boundary", "new_content_id", "normalize_content_id",
+    "parse_content_type",
     "root_part_content_type", "to_xop",
 ]
 
@@ -177,6 +178,15 @@ def new_content_id(prefix: str = "part") -> str:
     """
     safe = _CID_PREFIX_OK.sub("-", prefix).strip(".") or "part"
     return f"{safe}.{uuid.uuid4()}@xig"
+
+
+def content_id_family(prefix: str = "part") -> Callable[[int], str]:
+    """Content-IDs ``{prefix}{n}.{uuid}@xig`` for the parts of one message, in the form of :func:`new_content_id`
+    (already normalised), sharing one uuid: unique within the message — and across messages — for ``n``
+    unique, without a uuid per part (a RAD-75 answer has one part per instance)."""
+    safe = _CID_PREFIX_OK.sub("-", prefix).strip(".") or "part"
+    tail = f".{uuid.uuid4()}@xig"
+    return lambda n: f"{safe}{int(n)}{tail}"
 
 
 def mtom_content_type(boundary: str, root_content_id: str, *, action: str | None = None) -> str:
