@@ -424,6 +424,39 @@ async def _endless_line_is_refused(tls: tuple[ssl.SSLContext, ssl.SSLContext] | 
         srv.close()
 
 
+async def _reuses_only_buffers_nothing_refers_to(tls: tuple[ssl.SSLContext, ssl.SSLContext] | None) -> None:
+    body = os.urandom(12 * (1 << 20) + 5)
+    conn, srv, drained = await _connection_to(b"HTTP/1.1 200 OK\r\n" + body, tls)
+    try:
+        assert await conn.readline() == b"HTTP/1.1 200 OK\r\n"
+        kept_view = kept_whole = None
+        at = 0
+        while piece := await conn.read_up_to(1 << 20):
+            assert piece == body[at:at + len(piece)]
+            if at == 0:  # held on to, as a view and as the buffer itself: neither may change later
+                kept_view, kept_whole = memoryview(piece)[100:200], piece
+            elif len(piece) == 1 << 20:  # received directly, and into a pooled buffer
+                assert isinstance(piece, bytearray) and any(piece is b for b in conn._pool), at
+            at += len(piece)
+            del piece  # dropped by its consumer: its buffer may be reused
+        assert at == len(body) and conn.at_eof()
+        assert kept_view == body[100:200] and kept_whole == body[:1 << 20]
+        assert len(conn._pool) <= 4
+        await drained.wait()
+    finally:
+        conn.close()
+        srv.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("use_tls", [False, True])
+def test_connection_reuses_only_buffers_nothing_refers_to(loop_kind: event_loop.EventLoopKind, use_tls: bool,
+                                                          pki: CertSet) -> None:
+    """Pieces are handed on without a copy, in buffers the connection reuses — but only once nothing refers to
+    them: pieces kept (whole, or as a view) keep their bytes while 11 more MiB are read."""
+    event_loop.run(_reuses_only_buffers_nothing_refers_to(_tls_pair(pki) if use_tls else None), loop_kind)
+
+
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("use_tls", [False, True])
 def test_connection_reads_everything_with_bounded_buffering(loop_kind: event_loop.EventLoopKind, use_tls: bool,

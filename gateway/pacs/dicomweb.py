@@ -43,6 +43,7 @@ import re
 import secrets
 import ssl
 import struct
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,13 @@ def parse_file_meta(head: bytes | bytearray | memoryview, *, final: bool = False
         pos = end
 
 
+def _piece(buf: bytes | bytearray, start: int, end: int) -> bytes | memoryview:
+    """``buf[start:end]`` without a copy: ``buf`` itself when that is all of a ``bytes``, else a view."""
+    if start == 0 and end == len(buf) and type(buf) is bytes:
+        return buf
+    return memoryview(buf)[start:end]
+
+
 class MultipartReader:
     """Incremental ``multipart/related`` reader over an async byte stream.
 
@@ -198,9 +206,9 @@ class MultipartReader:
     current part's body, ``None`` at its end. Moving to the next part skips what is left of the current
     one. CRLF and bare-LF framing and transport padding after delimiters are accepted.
 
-    Body pieces are the input chunks themselves or one slice of them (no joining, at most one copy);
-    only the few bytes at the end of a chunk that could begin a delimiter are held back, and joined to
-    the next chunk. Memory: one input chunk plus the delimiter length.
+    Body pieces are the input chunks themselves (``bytes``) or views of them (``memoryview``; never a
+    copy); only the few bytes at the end of a chunk that could begin a delimiter are held back, and joined
+    to the next chunk. Memory: one input chunk plus the delimiter length.
 
     A part with a ``Content-Length`` header (Orthanc sends one, PS3.18 allows it) is read by its length:
     no search through its body, no bytes held back, whole input chunks passed on as they are; the
@@ -211,12 +219,12 @@ class MultipartReader:
     _PREAMBLE, _AFTER_DELIM, _BODY, _DONE = range(4)
     _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
-    def __init__(self, chunks: AsyncIterator[bytes], boundary: str) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes | bytearray], boundary: str) -> None:
         if not boundary:
             raise PacsError("multipart response without boundary")
         self._chunks = chunks
         self._delim = b"\n--" + boundary.encode("latin-1")
-        self._buf = b"\n"  # a virtual line end lets "--boundary" at the very start match
+        self._buf: bytes | bytearray = b"\n"  # a virtual line end lets "--boundary" at the very start match
         self._pos = 0  # what is before it in _buf was consumed
         self._state = self._PREAMBLE
         self._eof = False
@@ -271,7 +279,7 @@ class MultipartReader:
         self._pos = nl + 1
         while True:
             if self._buf.startswith(b"\n", self._pos) or self._buf.startswith(b"\r\n", self._pos):
-                raw = b""  # a part without headers
+                raw: bytes | bytearray = b""  # a part without headers
                 crlf = self._buf[self._pos] != 0x0A
                 self._pos += 2 if crlf else 1
                 break
@@ -307,7 +315,7 @@ class MultipartReader:
                 end = idx - 1 if idx > pos and buf[idx - 1] == 0x0D else idx
                 self._pos = idx + len(delim)
                 self._state = self._AFTER_DELIM
-                return buf[pos:end]
+                return _piece(buf, pos, end)
             # no delimiter: everything but a tail that could be the start of one (its LF, and a CR before)
             n = len(buf)
             cut = buf.find(b"\n", max(pos, n - len(delim) + 1))
@@ -317,7 +325,7 @@ class MultipartReader:
                 cut -= 1
             if cut > pos:
                 self._pos = cut
-                return buf[pos:cut]  # the chunk itself when it is all body (no copy)
+                return _piece(buf, pos, cut)
             if not await self._fill():
                 raise PacsError("multipart response truncated in the middle of a part")
 
@@ -334,7 +342,7 @@ class MultipartReader:
             buf, pos = self._buf, self._pos
             end = min(len(buf), pos + remaining)
             self._pos, self._length = end, remaining - (end - pos)
-            return buf if pos == 0 and end == len(buf) else memoryview(buf)[pos:end]
+            return _piece(buf, pos, end)
         delim = b"\r" + self._delim if self._crlf else self._delim
         while self._left() < len(delim) and await self._fill():
             pass
@@ -391,7 +399,7 @@ class _HttpResponse:
         self._reusable = (minor == 1 and self._framing != "close"
                           and "close" not in headers.get("connection", "").lower())
 
-    async def read(self) -> bytes:
+    async def read(self) -> bytes | bytearray:
         """The next piece of the body (at most :data:`CHUNK_SIZE` bytes); ``b""`` at its end."""
         if self._done:
             return b""
@@ -410,7 +418,7 @@ class _HttpResponse:
             self._session.release(conn, self._reusable)
         return data
 
-    async def _read(self, r: _Connection) -> bytes:
+    async def _read(self, r: _Connection) -> bytes | bytearray:
         if self._framing == "close":
             return await r.read_up_to(CHUNK_SIZE)
         if self._framing == "length":
@@ -444,7 +452,7 @@ class _HttpResponse:
     def __aiter__(self) -> _HttpResponse:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> bytes | bytearray:
         if data := await self.read():
             return data
         raise StopAsyncIteration
@@ -469,15 +477,24 @@ class _HttpResponse:
             conn.close()
 
 
+#: receive buffers one WADO-RS connection keeps for reuse (each ``CHUNK_SIZE`` at most)
+_POOLED_BUFFERS = 4
+_probe = [bytearray()]
+#: ``sys.getrefcount`` of a pooled buffer that only its pool refers to (measured, not assumed)
+_UNSHARED = sys.getrefcount(_probe[0])
+del _probe
+
+
 class _Connection(asyncio.BufferedProtocol):
-    """One HTTP/1.1 connection to the DICOMweb server, read with one copy per byte in Python.
+    """One HTTP/1.1 connection to the DICOMweb server, read without a copy in Python.
 
     An ``asyncio.StreamReader`` copies each byte four times on its way to a 1 MiB ``readexactly``: the
     loop's read into a new ``bytes``, that appended to the reader's ``bytearray`` (which grows and
     shrinks by ``realloc``), a slice of it, and ``bytes`` of the slice — about an eighth of the gateway's
-    CPU on a RAD-75 (``perf`` on ``xig serve``). Here the transport receives straight into one
-    ``bytearray`` kept for the connection (no allocation, no zeroing per read), and a waiting
-    :meth:`read_up_to` copies what it got once into ``bytes``.
+    CPU on a RAD-75 (``perf`` on ``xig serve``). Here a waiting :meth:`read_up_to` has the transport
+    receive straight into a buffer that it then hands on as it is: one of a few kept per connection
+    that nothing refers to any more — checked by reference count, so no piece handed on earlier can
+    change under its holder — or a new one when all are still held (a spool, a slow consumer).
     What arrives while no read waits (the HTTP head, chunk-size lines, the start of the next piece)
     lands in a fixed spare buffer; reading pauses when half of it is unread.
     """
@@ -488,7 +505,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._spare = bytearray(self._SPARE)
         self._s0 = self._s1 = 0  # the unread bytes are _spare[_s0:_s1]
-        self._recv: bytearray | None = None  # what reads receive into (up to CHUNK_SIZE), allocated once
+        self._pool: list[bytearray] = []  # receive buffers for reuse, see _receive_buffer
         self._target: memoryview | None = None  # the waiting read's part of it, filled by the transport
         self._got = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -575,11 +592,13 @@ class _Connection(asyncio.BufferedProtocol):
             await self._wait()
         return self._take(i + 1 - self._s0)
 
-    async def read_up_to(self, n: int) -> bytes:
+    async def read_up_to(self, n: int) -> bytes | bytearray:
         """``n`` bytes, fewer only where the connection ends (then what it left, maybe ``b""``).
 
         Waiting for whole pieces rather than taking what happened to arrive (~128 KiB) halves the
-        pieces an instance is passed on in, and the per-piece work of every layer above.
+        pieces an instance is passed on in, and the per-piece work of every layer above. A piece that
+        was received directly is a ``bytearray`` the caller owns from then on (this connection reuses it
+        only once nothing refers to it); never modify it.
         """
         have = self._s1 - self._s0
         if have >= n:
@@ -588,13 +607,11 @@ class _Connection(asyncio.BufferedProtocol):
             raise self._error
         if self._eof:
             return self._take(have)
-        if self._recv is None or len(self._recv) < n:
-            self._recv = bytearray(max(n, CHUNK_SIZE))
-        target = memoryview(self._recv)[:n]
-        with memoryview(self._spare) as view:
+        buf = self._receive_buffer(n)
+        with memoryview(buf) as target, memoryview(self._spare) as view:
             target[:have] = view[self._s0:self._s1]
         self._s0 = self._s1 = 0
-        self._target, self._got = target, have
+        self._target, self._got = memoryview(buf), have
         try:
             while self._target is not None:
                 await self._wait()
@@ -602,7 +619,29 @@ class _Connection(asyncio.BufferedProtocol):
             self._target = None
         if self._error is not None:
             raise self._error
-        return bytes(target[:self._got])
+        if self._got < n:  # the connection ended first
+            try:
+                del buf[self._got:]
+            except BufferError:  # still viewed by the transport (it should not be): hand on a copy
+                return bytes(memoryview(buf)[:self._got])
+        return buf
+
+    def _receive_buffer(self, n: int) -> bytearray:
+        """An ``n``-byte buffer to receive into and hand on: a pooled one that only the pool refers to
+        (no piece, view or variable anywhere can see it change), else a new one, pooled while there is room."""
+        pool = self._pool
+        for i in range(len(pool)):
+            if sys.getrefcount(pool[i]) == _UNSHARED:
+                buf = pool[i]
+                if len(buf) > n:
+                    del buf[n:]
+                elif len(buf) < n:
+                    buf.extend(bytes(n - len(buf)))
+                return buf
+        buf = bytearray(n)
+        if len(pool) < _POOLED_BUFFERS:
+            pool.append(buf)
+        return buf
 
     def at_eof(self) -> bool:
         return self._eof and self._s0 == self._s1
