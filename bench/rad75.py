@@ -759,23 +759,26 @@ def _forwarder(certs_dir: str, upstream: str, accept: str) -> None:
 
     Prints its port on stdout, then serves until it is stopped.
 
-    What a gateway in front of a DICOMweb PACS cannot do without: read the PACS's answer (one buffer per read,
-    handed on without a copy) and send it through one TLS stream (the gateway's TLS context, event loop and
-    write-buffer limit), with flow control. Nothing else — no SOAP, no security header, no multipart parsing,
-    no DICOM, no MTOM, no HTTP stack — so XIG's RAD-75 divided by this is the share of the possible that XIG
-    reaches. An upstream answer that is not ``close``-framed (what Orthanc sends for WADO-RS) is not forwarded:
-    the client gets a truncated answer and fails.
+    What a gateway in front of a DICOMweb PACS cannot do without: read the PACS's answer (into a buffer handed
+    on without a copy, reused once nothing refers to it) and send it through one TLS stream (the gateway's TLS
+    context, event loop and write-buffer limit), with flow control. Nothing else — no SOAP, no security
+    header, no multipart parsing, no DICOM, no MTOM, no HTTP stack — so XIG's RAD-75 divided by this is the
+    share of the possible that XIG reaches. An upstream answer that is not ``close``-framed (what Orthanc
+    sends for WADO-RS) is not forwarded: the client gets a truncated answer and fails.
     """
     certs = CertSet(Path(certs_dir))
     ctx = server_context(certs.gateway_cert, certs.gateway_key, certs.ca_cert)
     up = urlsplit(upstream)
     assert up.hostname is not None and up.port is not None
+    probe = [bytearray()]
+    unshared = sys.getrefcount(probe[0])  # a buffer only its list refers to
     get = (f"GET {up.path} HTTP/1.1\r\nHost: {up.netloc}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
            ).encode("latin-1")
 
     class Upstream(asyncio.BufferedProtocol):
         def __init__(self, down: asyncio.WriteTransport) -> None:
             self.down = down
+            self.pool = [bytearray(MB)]
             self.buf = memoryview(b"")
             self.head = b""  # the upstream answer's head, until it is complete
             self.transport: asyncio.Transport | None = None
@@ -793,11 +796,15 @@ def _forwarder(certs_dir: str, upstream: str, accept: str) -> None:
             self.transport.write(get)  # type: ignore[union-attr]
 
         def get_buffer(self, sizehint: int) -> memoryview:
-            self.buf = memoryview(bytearray(MB))  # a new one per read: what was read is passed on, not copied
+            # what was read is passed on, not copied: into the same buffer again once nothing refers to it
+            # (the TLS transport encrypts what it is given at once), else into a new one
+            if sys.getrefcount(self.pool[0]) != unshared:
+                self.pool[0] = bytearray(MB)
+            self.buf = memoryview(self.pool[0])
             return self.buf
 
         def buffer_updated(self, nbytes: int) -> None:
-            data = self.buf[:nbytes]
+            data, self.buf = self.buf[:nbytes], memoryview(b"")
             if self.head is not None:
                 self.head += bytes(data)
                 end = self.head.find(b"\r\n\r\n")
