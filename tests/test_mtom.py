@@ -116,6 +116,8 @@ def assert_fault(exc: SoapFault, subcode: QName, status: int, *fragments: str) -
     ("CID:part1@xig", "part1@xig"),
     ("<cid:part1@xig>", "part1@xig"),
     ("part%201@xig", "part 1@xig"),
+    ("i7.6f1c2e3d-0a4b-4c5d-8e9f-0123456789ab@xig", "i7.6f1c2e3d-0a4b-4c5d-8e9f-0123456789ab@xig"),
+    ("cid.part@xig", "cid.part@xig"),  # "cid" without a colon is part of the id
 ])
 def test_normalize_content_id(value: str, expected: str) -> None:
     assert mtom.normalize_content_id(value) == expected

@@ -81,6 +81,9 @@ AttachmentResult: TypeAlias = Any
 # Content-ID and Content-Type
 # --------------------------------------------------------------------------------------------------
 
+_PLAIN_CID = re.compile(r"[A-Za-z0-9._@-]+")  # no brackets, no "cid:", no %-escapes, no spaces
+
+
 def normalize_content_id(value: str) -> str:
     """Canonical form of a Content-ID header value or a ``cid:`` URL, used as the attachment key.
 
@@ -88,6 +91,8 @@ def normalize_content_id(value: str) -> str:
     ``<http://tempuri.org/1/6385>``, ``cid:http%3A%2F%2Ftempuri.org%2F1%2F6385`` and
     ``cid:http://tempuri.org/1/6385`` all become ``http://tempuri.org/1/6385``.
     """
+    if _PLAIN_CID.fullmatch(value):  # already canonical (XIG's own ids): nothing to strip or decode
+        return value
     v = value.strip()
     for _ in range(2):  # tolerate "cid:<x>" as well as "<cid:x>"
         if v.startswith("<") and v.endswith(">"):
