@@ -928,7 +928,7 @@ def forward_once(forwarder: Forwarder, ctx: ssl.SSLContext, work: Path, expected
 
 
 #: rounds of :func:`in_turns` (each: the reference, the forwarder and XIG once)
-ROUNDS = 7
+ROUNDS = 11
 
 
 def in_turns(orthanc: OrthancServer, certs: CertSet, work: Path, spec: StudySpec) -> list[Result]:
