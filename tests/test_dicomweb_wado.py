@@ -37,13 +37,16 @@ class Server:
     def __init__(self, files: dict[str, bytes], framing: str, *, lf: bool = False, chunk: int = 7777,
                  count: int | None = None, keepalive: bool = True, interim: bool = False, http10: bool = False,
                  drop: set[str] = frozenset(), cut_after: int | None = None, close_idle: bool = False,
-                 part_length: bool = False) -> None:
-        """``part_length``: each part carries a Content-Length header, as Orthanc's do."""
+                 part_length: bool = False, stall_after: int | None = None) -> None:
+        """``part_length``: each part carries a Content-Length header, as Orthanc's do; ``stall_after``: the
+        multipart body stops after that many bytes, the connection stays open until :attr:`released` is set."""
         self.files, self.framing, self.lf, self.chunk = files, framing, lf, chunk
         self.part_length = part_length
         self.count = len(files) if count is None else count
         self.keepalive, self.interim, self.http10, self.drop = keepalive, interim, http10, drop
         self.cut_after, self.close_idle = cut_after, close_idle
+        self.stall_after = stall_after
+        self.released = asyncio.Event()
         self.connections = 0
         self.requests: list[str] = []
 
@@ -93,6 +96,12 @@ class Server:
                 if self.cut_after is not None and ctype.startswith("multipart"):
                     body = body[:self.cut_after]
                     framing = "close"
+                if self.stall_after is not None and ctype.startswith("multipart"):
+                    w.write(hdr + b"\r\n" + body[:self.stall_after])
+                    await w.drain()
+                    await self.released.wait()  # silent, connection open
+                    w.close()
+                    return
                 if framing == "length":
                     w.write(hdr + b"Content-Length: %d\r\n" % len(body)
                             + (b"" if self.keepalive else b"Connection: close\r\n") + b"\r\n" + body)
@@ -246,6 +255,41 @@ async def _truncated_response(files: dict[str, bytes]) -> None:
     assert len(errors) == 1 and "truncated" in str(errors[0])
     fails = [r for r in results if isinstance(r, RetrieveFailure)]
     assert len(fails) == 3 and not any(f.missing for f in fails)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_server_falling_silent_mid_instance_times_out(files: dict[str, bytes], loop_kind: str) -> None:
+    """The PACS stops sending in the middle of the second instance and keeps the connection open: that instance
+    breaks off with a timeout, the ones after it are reported failed, the one before was delivered whole."""
+    event_loop.run(_falling_silent(files), loop_kind)  # type: ignore[arg-type]
+
+
+async def _falling_silent(files: dict[str, bytes]) -> None:
+    one = len(files[next(iter(files))])
+    s = Server(files, "close", part_length=True, stall_after=one + one // 2)
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    b = DicomwebBackend(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}", source_id="1.2", timeout=0.5)
+    got: dict[str, bytes] = {}
+    errors: list[Exception] = []
+    fails: list[RetrieveFailure] = []
+    try:
+        async for item in b.retrieve(refs(files)):
+            if isinstance(item, RetrievedInstance):
+                try:
+                    got[item.ref.SOPInstanceUID] = b"".join([c async for c in item.chunks])
+                except PacsError as exc:
+                    errors.append(exc)
+            else:
+                fails.append(item)
+    finally:
+        s.released.set()
+        await b.aclose()
+        srv.close()
+    first = next(iter(files))
+    assert got == {first: files[first]}
+    assert len(errors) == 1 and "timed out" in str(errors[0])
+    assert len(fails) == len(files) - 2 and not any(f.missing for f in fails)
+    assert all("timed out" in f.reason for f in fails)
 
 
 async def test_unreachable(files: dict[str, bytes]) -> None:

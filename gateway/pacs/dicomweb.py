@@ -387,6 +387,7 @@ class _HttpResponse:
         self._left = 0
         self._in_chunk = False
         self._done = False
+        self._lost: str | None = None  # why the connection was lost mid-body
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self._framing = "chunked"
         elif "content-length" in headers:
@@ -404,14 +405,16 @@ class _HttpResponse:
         if self._done:
             return b""
         if self._conn is None:
+            if self._lost is not None:  # what ended it, again (not "closed") for the instances after
+                raise _Unreachable(self._lost)
             raise PacsError("read from a closed WADO-RS response")
-        try:
-            async with asyncio.timeout(self._session.timeout):
-                data = await self._read(self._conn)
+        try:  # a silent server: the connection's own watchdog raises TimeoutError (no timer per read)
+            data = await self._read(self._conn)
         except (OSError, EOFError, asyncio.LimitOverrunError) as exc:  # TimeoutError and ssl errors included
             self.close()
-            raise _Unreachable(f"DICOMweb server {self._session.url}: connection lost or timed out while reading "
-                               f"a response ({_why(exc)})") from exc
+            self._lost = (f"DICOMweb server {self._session.url}: connection lost or timed out while reading a "
+                          f"response ({_why(exc)})")
+            raise _Unreachable(self._lost) from exc
         if not data:
             self._done = True
             conn, self._conn = self._conn, None
@@ -477,6 +480,8 @@ class _HttpResponse:
             conn.close()
 
 
+#: a read that has part of what it waits for returns it after the server has been silent this long (seconds)
+_IDLE_FLUSH = 0.05
 #: receive buffers one WADO-RS connection keeps for reuse (each ``CHUNK_SIZE`` at most)
 _POOLED_BUFFERS = 4
 _probe = [bytearray()]
@@ -501,8 +506,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     _SPARE = 256 * 1024
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 60.0) -> None:
         self.transport: asyncio.Transport | None = None
+        #: seconds a read may wait without a byte arriving (then TimeoutError), see :meth:`_watch`
+        self.timeout = timeout
+        self._activity = 0.0  # loop time of the last bytes received or of the start of the last wait
+        self._watchdog: asyncio.TimerHandle | None = None
         self._spare = bytearray(self._SPARE)
         self._s0 = self._s1 = 0  # the unread bytes are _spare[_s0:_s1]
         self._pool: list[bytearray] = []  # receive buffers for reuse, see _receive_buffer
@@ -517,8 +526,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._eof = True
         if exc is not None and self._error is None:
             self._error = exc
@@ -545,6 +558,7 @@ class _Connection(asyncio.BufferedProtocol):
         return memoryview(self._spare)[self._s1:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._activity = self._loop.time()
         if self._target is not None:
             self._got += nbytes
             if self._got == len(self._target):
@@ -567,11 +581,35 @@ class _Connection(asyncio.BufferedProtocol):
         if self._paused and self.transport is not None and self._s1 - self._s0 < self._SPARE // 2:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._activity = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._activity + _IDLE_FLUSH, self._watch)
+        self._waiter = loop.create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
+
+    def _watch(self) -> None:
+        """While a read waits, every :data:`_IDLE_FLUSH` s: a read that has part of what it waits for returns
+        that part once the server has been silent that long (a slow or stalled server's bytes are passed on,
+        not held back — or lost when the connection then times out); a read silent for :attr:`timeout`
+        fails with ``TimeoutError``. One timer per connection, not one per read."""
+        self._watchdog = None
+        if self._waiter is None or self._waiter.done():
+            return  # nobody waits: the next wait re-arms it
+        now = self._loop.time()
+        silent = now - self._activity
+        if self._target is not None and self._got and silent >= _IDLE_FLUSH:
+            self._target = None  # read_up_to returns what it got
+            self._wake()
+        elif silent >= self.timeout:
+            self._error = TimeoutError(f"no data for {self.timeout:g} s")
+            self._target = None
+            self._wake()
+        else:
+            self._watchdog = self._loop.call_at(max(self._activity, now) + _IDLE_FLUSH, self._watch)
 
     def _take(self, n: int) -> bytes:
         with memoryview(self._spare) as view:
@@ -593,7 +631,8 @@ class _Connection(asyncio.BufferedProtocol):
         return self._take(i + 1 - self._s0)
 
     async def read_up_to(self, n: int) -> bytes | bytearray:
-        """``n`` bytes, fewer only where the connection ends (then what it left, maybe ``b""``).
+        """``n`` bytes, fewer where the connection ends (then what it left, maybe ``b""``) or the server falls
+        silent with part of them sent (:meth:`_watch`).
 
         Waiting for whole pieces rather than taking what happened to arrive (~128 KiB) halves the
         pieces an instance is passed on in, and the per-piece work of every layer above. A piece that
@@ -619,7 +658,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._target = None
         if self._error is not None:
             raise self._error
-        if self._got < n:  # the connection ended first
+        if self._got < n:  # the connection ended first, or the server fell silent (see _watch)
             try:
                 del buf[self._got:]
             except BufferError:  # still viewed by the transport (it should not be): hand on a copy
@@ -689,7 +728,7 @@ class _WadoSession:
         try:
             async with asyncio.timeout(self.timeout):
                 transport, conn = await asyncio.get_running_loop().create_connection(
-                    _Connection, self._host, self._port,
+                    lambda: _Connection(self.timeout), self._host, self._port,
                     ssl=(self._ssl_context or _default_ssl_context()) if self._tls else None,
                     server_hostname=self._host if self._tls else None)
                 conn.transport = transport  # uvloop may call connection_made only after this returns
