@@ -249,14 +249,18 @@ async def test_streaming_200mb_response_has_bounded_memory(gw: Any, config: Conf
 
 
 def test_a_body_chunk_goes_to_the_transport_as_it_is() -> None:
-    """The server's h11 connection hands the chunk-size line, the data object itself and the CRLF to the
-    transport (no joined copy of a streamed response's bytes); everything else is h11's own framing."""
+    """The server's h11 connection hands a large chunk's data object itself to the transport (no joined copy of
+    a streamed response's bytes), after its size line and the CRLF held back from the chunk before; a small
+    chunk goes out whole in one write. The bytes on the wire are h11's chunked framing, exactly."""
     class Transport:
         def __init__(self) -> None:
-            self.written: list[Any] = []
+            self.written: list[list[Any]] = []
 
         def writelines(self, pieces: list[Any]) -> None:
             self.written.append(list(pieces))
+
+        def write(self, data: bytes) -> None:
+            self.written.append([data])
 
     conn, transport = web_server._BodyPassthrough(h11.SERVER), Transport()
     conn.transport = transport  # type: ignore[assignment]
@@ -264,11 +268,20 @@ def test_a_body_chunk_goes_to_the_transport_as_it_is() -> None:
     assert isinstance(conn.next_event(), h11.Request) and isinstance(conn.next_event(), h11.EndOfMessage)
     head = conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")]))
     assert head is not None and head.startswith(b"HTTP/1.1 200") and transport.written == []
-    data = memoryview(b"0123456789abcdef" * 4096)[5:70000]
-    assert conn.send(h11.Data(data=data)) == b""
-    ((size, same, crlf),) = transport.written
-    assert size == b"%x\r\n" % len(data) and same is data and crlf == b"\r\n"
-    assert conn.send(h11.EndOfMessage()) == b"0\r\n\r\n"
+    big = memoryview(b"0123456789abcdef" * 4096)[5:70000]
+    small = b"Content-Type: application/dicom\r\n\r\n"
+    assert conn.send(h11.Data(data=big)) == b""
+    assert conn.send(h11.Data(data=small)) == b""
+    assert conn.send(h11.Data(data=big)) == b""
+    assert conn.send(h11.Data(data=b"")) == b""  # nothing to frame
+    end = conn.send(h11.EndOfMessage())
+    first, second, third = transport.written
+    assert first == [b"%x\r\n" % len(big), big] and first[1] is big
+    assert second == [b"\r\n" + b"%x\r\n" % len(small) + small + b"\r\n"]
+    assert third[0] == b"%x\r\n" % len(big) and third[1] is big and end == b"\r\n0\r\n\r\n"
+    wire = b"".join(bytes(p) for w in transport.written for p in w) + end
+    chunked = b"".join(b"%x\r\n" % len(d) + bytes(d) + b"\r\n" for d in (big, small, big)) + b"0\r\n\r\n"
+    assert wire == chunked
 
 
 @pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])

@@ -130,26 +130,46 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: body chunks up to this size are written joined with their framing (one write, one TLS record)
+_JOIN_BELOW = 16 * 1024
+
+
 class _BodyPassthrough(h11.Connection):
     """h11's server connection, except that a body chunk goes to the transport as its pieces.
 
     uvicorn writes ``conn.send(h11.Data(...))``; h11's ``send`` joins the chunk-size line, the data and the
     CRLF of a chunked body into one new ``bytes`` — a copy of every byte of a streamed RAD-75 response.
-    Here the pieces (the data object itself among them: ``bytes`` or a ``memoryview`` of a PACS read) go to
-    the transport with ``writelines``, and ``send`` returns ``b""``, which uvicorn's ``transport.write``
-    skips. Everything else is h11's own.
+    Here a large data object (``bytes`` or a ``memoryview`` of a PACS read) goes to the transport as it is,
+    with ``writelines``: its size line (after the previous chunk's CRLF) and then the data; its own CRLF is
+    held back for the next write (or the end of the body). A small chunk (a MIME part header) goes out in one
+    joined write. So a TLS transport makes no record of its own of a few framing bytes — two per chunk
+    before, each also a read for the client. ``send`` returns ``b""`` for data, which uvicorn's
+    ``transport.write`` skips. Everything else is h11's own.
     """
 
     transport: asyncio.Transport | None = None
+    _held = b""  # the last chunk's CRLF, not written yet
 
     def send(self, event: h11.Event) -> bytes | None:  # type: ignore[override]
         if type(event) is h11.Data and self.transport is not None:
             pieces = self.send_with_data_passthrough(event)
-            if pieces:
+            if not pieces:
+                return b""
+            if len(pieces) != 3:  # not chunked (a Content-Length body): the data as it is
                 self.transport.writelines(pieces)
+                return b""
+            size, data, crlf = pieces
+            head, self._held = self._held + size, b""
+            if len(data) < _JOIN_BELOW:
+                self.transport.write(head + bytes(data) + crlf)
+            else:
+                self.transport.writelines([head, data])
+                self._held = crlf
             return b""
-        return super().send(event)
-
+        out = super().send(event)
+        if self._held:
+            out, self._held = self._held + (out or b""), b""
+        return out
 
 class _TlsH11(H11Protocol):
     """uvicorn's h11 protocol on a connection whose TLS handshake we run ourselves (see the module docstring)."""
