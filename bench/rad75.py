@@ -53,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -656,20 +656,20 @@ def _cpu_of(pid: int, fn: Any) -> tuple[float, float]:
 # The ceiling: one bare Python TLS stream of the same size, to the same partner
 # -------------------------------------------------------------------------------------------------
 
-def _tls_sender(certs_dir: str, total: int) -> None:
-    """A bare asyncio TLS server (its own process, like the gateway): every HTTP request gets ``total`` bytes.
+#: a bare server's TLS write-buffer limit (the gateway's): it stops producing while this much waits to be sent
+SEND_HIGH_WATER = 4 * MB
 
-    Prints its port on stdout, then serves until it is stopped.
 
-    The gateway's TLS context and write-buffer limit, 1 MiB writes; nothing else (no HTTP stack, no
-    reading from a PACS, no MTOM): the most any asyncio gateway can send through one TLS stream here.
-    """
+def _serve_over_tls(certs_dir: str, respond: Callable[[asyncio.StreamWriter], Awaitable[bool]]) -> None:
+    """A bare asyncio HTTP/1.1 server over mutual TLS (its own process, like the gateway): every request
+    (head, and a ``Content-Length`` body read and dropped) is answered by ``respond``, which returns
+    ``False`` when the connection cannot go on. The gateway's TLS context, event loop and write-buffer
+    limit; nothing else. Prints its port on stdout, then serves until it is stopped."""
     certs = CertSet(Path(certs_dir))
     ctx = server_context(certs.gateway_cert, certs.gateway_key, certs.ca_cert)
-    block = os.urandom(MB)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.transport.set_write_buffer_limits(high=4 * MB)
+        writer.transport.set_write_buffer_limits(high=SEND_HIGH_WATER)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -681,14 +681,7 @@ def _tls_sender(certs_dir: str, total: int) -> None:
                     elif name.strip().lower() == "connection":
                         close = value.strip().lower() == "close"
                 await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                             b"Content-Length: %d\r\n\r\n" % total)
-                left = total
-                while left:
-                    writer.write(block if left >= len(block) else block[:left])
-                    left -= min(left, len(block))
-                    await writer.drain()
-                if close:
+                if not await respond(writer) or close:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -701,6 +694,25 @@ def _tls_sender(certs_dir: str, total: int) -> None:
         await server.serve_forever()
 
     event_loop.run(main(), "uvloop")  # the gateway's default event loop
+
+
+def _tls_sender(certs_dir: str, total: int) -> None:
+    """A bare asyncio TLS server (:func:`_serve_over_tls`): every HTTP request gets ``total`` bytes, in 1 MiB
+    writes; nothing else (no HTTP stack, no reading from a PACS, no MTOM): the most any asyncio gateway can
+    send through one TLS stream here."""
+    block = os.urandom(MB)
+
+    async def respond(writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % total)
+        left = total
+        while left:
+            writer.write(block if left >= len(block) else block[:left])
+            left -= min(left, len(block))
+            await writer.drain()
+        return True
+
+    _serve_over_tls(certs_dir, respond)
 
 
 def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -> tuple[Result, list[Transfer]]:
@@ -749,15 +761,9 @@ def tls_ceiling(certs: CertSet, work: Path, spec: StudySpec, reference: float) -
 # The bare forwarder: what any asyncio gateway in front of this Orthanc could reach, measured
 # -------------------------------------------------------------------------------------------------
 
-#: the forwarder stops reading from the PACS while this much is waiting to be sent (the gateway's limit too)
-FORWARD_HIGH_WATER = 4 * MB
-
-
 def _forwarder(certs_dir: str, upstream: str, accept: str) -> None:
-    """A bare asyncio forwarder (its own process, like the gateway): every HTTP request over mutual TLS is
-    answered with the body of one plain-HTTP GET of ``upstream`` (``Accept: accept``), passed on as it arrives.
-
-    Prints its port on stdout, then serves until it is stopped.
+    """A bare asyncio forwarder (:func:`_serve_over_tls`): every HTTP request over mutual TLS is answered with
+    the body of one plain-HTTP GET of ``upstream`` (``Accept: accept``), passed on as it arrives.
 
     What a gateway in front of a DICOMweb PACS cannot do without: read the PACS's answer (into a buffer handed
     on without a copy, reused once nothing refers to it) and send it through one TLS stream (the gateway's TLS
@@ -766,8 +772,6 @@ def _forwarder(certs_dir: str, upstream: str, accept: str) -> None:
     share of the possible that XIG reaches. An upstream answer that is not ``close``-framed (what Orthanc
     sends for WADO-RS) is not forwarded: the client gets a truncated answer and fails.
     """
-    certs = CertSet(Path(certs_dir))
-    ctx = server_context(certs.gateway_cert, certs.gateway_key, certs.ca_cert)
     up = urlsplit(upstream)
     assert up.hostname is not None and up.port is not None
     probe = [bytearray()]
@@ -820,7 +824,7 @@ def _forwarder(certs_dir: str, upstream: str, accept: str) -> None:
                 data = memoryview(rest)
             if len(data):
                 self.down.writelines([b"%x\r\n" % len(data), data, b"\r\n"])
-                if self.down.get_write_buffer_size() > FORWARD_HIGH_WATER and not self.paused:
+                if self.down.get_write_buffer_size() > SEND_HIGH_WATER and not self.paused:
                     self.paused = True
                     assert self.transport is not None
                     self.transport.pause_reading()
@@ -833,50 +837,28 @@ def _forwarder(certs_dir: str, upstream: str, accept: str) -> None:
             self.finished, self.failed = True, self.failed or exc is not None
             self._notify()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.transport.set_write_buffer_limits(high=FORWARD_HIGH_WATER)
+    async def respond(writer: asyncio.StreamWriter) -> bool:
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length, close = 0, False
-                for line in head.decode("latin-1").split("\r\n"):
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
-                    elif name.strip().lower() == "connection":
-                        close = value.strip().lower() == "close"
-                await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n")
-                transport, upstream_ = await loop.create_connection(
-                    lambda: Upstream(writer.transport), up.hostname, up.port)  # type: ignore[arg-type]
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                while True:
-                    await upstream_.signal
-                    upstream_.signal = loop.create_future()
-                    if upstream_.finished:
-                        break
-                    await writer.drain()
-                    upstream_.paused = False
-                    transport.resume_reading()
-                if upstream_.failed:
-                    break  # no last chunk: the client sees a truncated answer
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
-                if close:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        transport, upstream_ = await loop.create_connection(
+            lambda: Upstream(writer.transport), up.hostname, up.port)  # type: ignore[arg-type]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:  # paused by the upstream side when the TLS stream has enough to send; resumed here
+            await upstream_.signal
+            upstream_.signal = loop.create_future()
+            if upstream_.finished:
+                break
+            await writer.drain()
+            upstream_.paused = False
+            transport.resume_reading()
+        if upstream_.failed:
+            return False  # no last chunk: the client sees a truncated answer
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
 
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await server.serve_forever()
-
-    event_loop.run(main(), "uvloop")  # the gateway's default event loop
+    _serve_over_tls(certs_dir, respond)
 
 
 class Forwarder:
