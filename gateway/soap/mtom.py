@@ -50,8 +50,7 @@ __all__ = [
     "MtomDecoder", "MtomMessage", "Part", "PartInfo", "PartSink", "content_id_family", "decode_mtom_bytes",
     "decode_mtom_stream", "decode_soap_body", "encode_mtom", "encode_mtom_bytes", "find_xop_includes",
     "inline_attachments", "mtom_content_type", "new_boundary", "new_content_id", "normalize_content_id",
-    "parse_content_type",
-    "root_part_content_type", "to_xop",
+    "parse_content_type", "root_part_content_type", "to_xop",
 ]
 
 MiB = 1024 * 1024

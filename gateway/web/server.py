@@ -171,6 +171,7 @@ class _BodyPassthrough(h11.Connection):
             out, self._held = self._held + (out or b""), b""
         return out
 
+
 class _TlsH11(H11Protocol):
     """uvicorn's h11 protocol on a connection whose TLS handshake we run ourselves (see the module docstring)."""
 
