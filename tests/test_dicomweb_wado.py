@@ -294,6 +294,40 @@ async def _falling_silent(files: dict[str, bytes]) -> None:
     assert all("timed out" in f.reason for f in fails)
 
 
+async def test_series_sizes_seen_recently_stand_in_for_a_series_query(files: dict[str, bytes]) -> None:
+    """The series sizes choose series- or instance-level requests; a retrieve of the same study soon after reuses
+    them — unless it wants a series they do not list (asked again: a new series is not reported missing), or
+    they are older than ``series_sizes_ttl``."""
+    s = Server(files, "length")
+    srv = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    b = DicomwebBackend(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}", source_id="1.2", timeout=5)
+    other = InstanceRef(ST, derive_uid("h7-later-series"), derive_uid("h7-later"))
+
+    async def retrieve(wanted: list[InstanceRef]) -> tuple[set[str], set[str]]:
+        got, missing = set(), set()
+        async for item in b.retrieve(wanted):
+            if isinstance(item, RetrievedInstance):
+                assert b"".join([c async for c in item.chunks]) == files[item.ref.SOPInstanceUID]
+                got.add(item.ref.SOPInstanceUID)
+            elif item.missing:
+                missing.add(item.ref.SOPInstanceUID)
+        return got, missing
+
+    def series_queries() -> int:
+        return sum(1 for p in s.requests if p.split("?")[0].endswith("/series"))
+
+    try:
+        assert await retrieve(refs(files)) == (set(files), set()) and series_queries() == 1
+        assert await retrieve(refs(files, 3)) == (set(list(files)[:3]), set()) and series_queries() == 1
+        assert await retrieve([other]) == (set(), {other.SOPInstanceUID}) and series_queries() == 2
+        b.series_sizes_ttl = 0
+        assert await retrieve(refs(files)) == (set(files), set()) and series_queries() == 3
+        assert sum(1 for p in s.requests if p.endswith(f"/series/{SE}")) == 3  # whole-series requests all along
+    finally:
+        await b.aclose()
+        srv.close()
+
+
 async def test_unreachable(files: dict[str, bytes]) -> None:
     b = DicomwebBackend("http://127.0.0.1:9", source_id="1.2", timeout=2)
     out = [i async for i in b.retrieve(refs(files))]

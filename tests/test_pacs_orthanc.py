@@ -14,9 +14,10 @@ import struct
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pydicom
@@ -210,6 +211,31 @@ async def test_orthanc_wado_parts_are_read_by_their_content_length(orthanc: Orth
     got, failed = await collect(make_backend("dicomweb", orthanc), refs_of(seeded.a))
     assert failed == {} and got == {sop: i.path.read_bytes() for sop, i in sources.items()}
     assert set(counted) >= {i.path.stat().st_size for i in sources.values()}  # each part's whole length
+
+
+async def test_a_retrieve_right_after_the_study_tree_asks_orthanc_no_series_query(orthanc: OrthancServer,
+                                                                                 seeded: Seed) -> None:
+    """The tree a manifest is built from (``get_study``) already counted each series' instances: the RAD-75
+    that follows goes straight to WADO-RS, and gets every instance."""
+    b = make_backend("dicomweb", orthanc)
+    assert isinstance(b, DicomwebBackend)
+    asked: list[str] = []
+    qido = b._qido
+
+    async def spy(path: str, match: dict[str, str], fields: Sequence[str] = ()) -> list[dict[str, Any]]:
+        asked.append(path)
+        return await qido(path, match, fields)
+
+    b._qido = spy  # type: ignore[method-assign]
+    try:
+        study = await b.get_study(seeded.a.StudyInstanceUID)
+        assert study is not None and sum(len(s.instances) for s in study.series) == len(seeded.a.instances)
+        before = len(asked)
+        got, failed = await collect(b, refs_of(seeded.a))
+    finally:
+        await b.aclose()
+    assert failed == {} and got == {i.SOPInstanceUID: i.path.read_bytes() for i in seeded.a.instances}
+    assert asked[before:] == []
 
 
 @pytest.mark.parametrize("verbose", [False, True])

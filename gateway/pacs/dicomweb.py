@@ -44,7 +44,8 @@ import secrets
 import ssl
 import struct
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -807,6 +808,11 @@ class _Unreachable(PacsError):
     """The server cannot be reached at all (every further request would fail too)."""
 
 
+#: default of :attr:`DicomwebBackend.series_sizes_ttl`
+SERIES_SIZES_TTL = 30.0
+_SIZES_KEPT = 256  # studies whose series sizes a backend remembers
+
+
 class DicomwebBackend:
     """A PACS reached over DICOMweb (QIDO-RS / WADO-RS / STOW-RS)."""
 
@@ -822,6 +828,9 @@ class DicomwebBackend:
         self.timeout = timeout
         self._headers = _check_headers(headers or {})
         self._own_client = client is None
+        #: seconds a study's series sizes, as last seen, stand in for a new series query (see _series_counts)
+        self.series_sizes_ttl = SERIES_SIZES_TTL
+        self._sizes: dict[str, tuple[float, dict[str, int | None]]] = {}  # study → (when seen, series → size)
         self._client = client or httpx.AsyncClient(
             base_url=self.url + "/", timeout=httpx.Timeout(timeout), headers=self._headers,
             follow_redirects=False, trust_env=False, verify=ssl_context or True)
@@ -911,6 +920,7 @@ class DicomwebBackend:
             series.append(SeriesInfo(series_uid, _str(s, MODALITY), _int(s, SERIES_NUMBER), _str(s, SERIES_DESC),
                                      _str(s, BODY_PART), tuple(instances)))
         series.sort(key=lambda s: (s.SeriesNumber if s.SeriesNumber is not None else 1 << 30, s.SeriesInstanceUID))
+        self._remember_sizes(uid, {s.SeriesInstanceUID: len(s.instances) for s in series})
         return StudyInfo(
             StudyInstanceUID=uid, patient=_patient(study), StudyDate=_str(study, STUDY_DATE),
             StudyTime=_str(study, STUDY_TIME), AccessionNumber=_str(study, ACCESSION),
@@ -958,7 +968,7 @@ class DicomwebBackend:
                 counts: dict[str, int | None] = {}
                 if dead is None:
                     try:
-                        counts = await self._series_counts(study)
+                        counts = await self._series_counts(study, by_series)
                     except PacsError as exc:
                         if isinstance(exc, _Unreachable):
                             dead = str(exc)
@@ -1003,10 +1013,28 @@ class DicomwebBackend:
         finally:
             session.close()
 
-    async def _series_counts(self, study: str) -> dict[str, int | None]:
-        """The study's series on the server, with their instance counts when the server gives them."""
+    async def _series_counts(self, study: str, wanted: Iterable[str]) -> dict[str, int | None]:
+        """The study's series on the server, with their instance counts when the server gives them.
+
+        Sizes seen in the last :attr:`series_sizes_ttl` seconds (by a retrieve, or the study tree a manifest was
+        built from) stand in for a new query when they cover every ``wanted`` series: they only choose between
+        series- and instance-level requests, so a stale size costs a less efficient request, never an
+        instance — and a series they do not know is asked for again, not reported missing.
+        """
+        seen = self._sizes.get(study)
+        if seen is not None and time.monotonic() - seen[0] < self.series_sizes_ttl \
+                and all(uid in seen[1] for uid in wanted):
+            return seen[1]
         found = await self._qido(self._path(study) + "/series", {}, (SERIES_COUNT,))
-        return {uid: _int(s, SERIES_COUNT) for s in found if (uid := _str(s, SERIES_UID))}
+        counts = {uid: _int(s, SERIES_COUNT) for s in found if (uid := _str(s, SERIES_UID))}
+        self._remember_sizes(study, counts)
+        return counts
+
+    def _remember_sizes(self, study: str, counts: dict[str, int | None]) -> None:
+        self._sizes.pop(study, None)
+        self._sizes[study] = (time.monotonic(), counts)
+        while len(self._sizes) > _SIZES_KEPT:  # the oldest first
+            self._sizes.pop(next(iter(self._sizes)))
 
     async def _requests(self, study: str, series: str, waiting: dict[str, list[InstanceRef]],
                         counts: dict[str, int | None]) -> tuple[list[tuple[str, list[str]]], list[str]]:
